@@ -51,12 +51,22 @@ def _uncopy(t: Tensor, n: int) -> list[Tensor]:
     return [t]
 
 
+def _cat_conv1x1(parts: list[Tensor]) -> Tensor:
+    return torch.cat([_conv1x1_to_linear([p]) for p in parts], dim=0)
+
+
+def _split_conv1x1(t: Tensor, n: int) -> list[Tensor]:
+    return [_linear_to_conv1x1(p, 1)[0] for p in _split(t, n)]
+
+
 # name -> (theirs -> ours, ours -> theirs)
 TRANSFORMS: dict[str, tuple[Callable[[list[Tensor]], Tensor], Callable[[Tensor, int], list[Tensor]]]] = {
     "copy": (_copy, _uncopy),
     "cat": (_cat, _split),  # q/k/v (or k/v) fusion along the output dimension
     "conv1x1_to_linear": (_conv1x1_to_linear, _linear_to_conv1x1),  # LDM VAE attention convs
+    "cat_conv1x1": (_cat_conv1x1, _split_conv1x1),  # LDM VAE q/k/v 1x1 convs -> one fused Linear
 }
+MULTI_KEY = ("cat", "cat_conv1x1")  # transforms that join several keys into one
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class Entry:
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {self.transform!r}")
-        if self.transform != "cat" and len(self.theirs) != 1:
+        if self.transform not in MULTI_KEY and len(self.theirs) != 1:
             raise ValueError(f"transform {self.transform!r} takes exactly one key, got {self.theirs}")
 
 

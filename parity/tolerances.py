@@ -1,0 +1,126 @@
+"""The tolerance table (tolerances.toml) and the judgement of one compared tensor."""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parity.metrics import Errors, compare
+
+DEFAULT_FILE = Path(__file__).with_name("tolerances.toml")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FP32_KEYS = ("atol", "rtol", "min_psnr_db", "max_rel_l2")
+LOW_KEYS = ("max_error_ratio", "ratio_floor")
+
+
+class ToleranceError(ValueError):
+    """The tolerance file is unreadable or incomplete."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float | None = None
+    rtol: float | None = None
+    min_psnr_db: float | None = None
+    max_rel_l2: float | None = None
+    max_error_ratio: float | None = None
+    ratio_floor: float | None = None
+
+
+class Table:
+    def __init__(self, data: dict, source: str):
+        self.data, self.source = data, source
+        for dtype in DTYPES:
+            need = FP32_KEYS if dtype == "fp32" else LOW_KEYS
+            have = data.get("default", {}).get(dtype, {})
+            missing = [k for k in need if k not in have]
+            if missing:
+                raise ToleranceError(f"{source}: [default.{dtype}] lacks {', '.join(missing)}")
+        for dtype in DTYPES:
+            if dtype not in data.get("localize", {}):
+                raise ToleranceError(f"{source}: [localize] lacks {dtype}")
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "Table":
+        path = Path(path) if path else DEFAULT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(2, "No such tolerance file", str(path))
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ToleranceError(f"{path}: not valid TOML ({exc})") from None
+        return cls(data, str(path))
+
+    def _table(self, *keys: str) -> dict:
+        node = self.data
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+            if node is None:
+                return {}
+        return {k: v for k, v in node.items() if not isinstance(v, dict)}
+
+    def lookup(self, component: str, tensor: str, dtype: str) -> Tolerance:
+        merged: dict = {}
+        for keys in ((component, tensor, dtype), (component, dtype), (tensor, dtype), ("default", dtype)):
+            for k, v in self._table(*keys).items():
+                merged.setdefault(k, float(v))
+        return Tolerance(**{k: merged.get(k) for k in Tolerance.__dataclass_fields__})
+
+    def localize_threshold(self, dtype: str) -> float:
+        return float(self.data["localize"][dtype])
+
+
+def allclose_excess(ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float) -> float:
+    """max(|out - ref| - (atol + rtol |ref|)): <= 0 means every element is within tolerance."""
+    r = ref.detach().to("cpu", torch.float64)
+    o = out.detach().to("cpu", torch.float64)
+    if r.numel() == 0:
+        return -math.inf
+    return float(((o - r).abs() - (atol + rtol * r.abs())).max())
+
+
+@dataclass
+class Verdict:
+    errors: Errors  # scratch vs reference at the same dtype
+    tol: Tolerance
+    passed: bool
+    reason: str  # empty when passed
+    err_scratch_vs_fp32: float | None = None  # rel_l2, low precision only
+    err_reference_vs_fp32: float | None = None
+    error_ratio: float | None = None
+
+
+def judge(ref: torch.Tensor, out: torch.Tensor, tol: Tolerance, dtype: str,
+          fp32_truth: torch.Tensor | None = None) -> Verdict:
+    """Judge scratch output `out` against reference output `ref` (same dtype).
+
+    For fp16/bf16, `fp32_truth` (the reference's fp32 output) is required: the rule is relative
+    to the reference's own error at that precision.
+    """
+    e = compare(ref, out)
+    if not e.finite:
+        bad = "scratch" if torch.isfinite(ref).all() else ("reference" if torch.isfinite(out).all() else "both")
+        return Verdict(e, tol, False, f"non-finite values ({bad})")
+    if dtype == "fp32":
+        reasons = []
+        excess = allclose_excess(ref, out, tol.atol, tol.rtol)
+        if excess > 0:
+            reasons.append(f"max_abs {e.max_abs:.3g} exceeds atol {tol.atol:g} + rtol {tol.rtol:g}*|ref| by {excess:.3g}")
+        if e.psnr_db < tol.min_psnr_db:
+            reasons.append(f"psnr {e.psnr_db:.1f} dB < {tol.min_psnr_db:g}")
+        if e.rel_l2 > tol.max_rel_l2:
+            reasons.append(f"rel_l2 {e.rel_l2:.3g} > {tol.max_rel_l2:g}")
+        return Verdict(e, tol, not reasons, "; ".join(reasons))
+    if fp32_truth is None:
+        raise ValueError(f"{dtype} comparisons need the fp32 reference output")
+    ours = compare(fp32_truth, out.float())
+    theirs = compare(fp32_truth, ref.float())
+    allowed = tol.max_error_ratio * theirs.rel_l2 + tol.ratio_floor
+    ratio = ours.rel_l2 / theirs.rel_l2 if theirs.rel_l2 > 0 else (math.inf if ours.rel_l2 > 0 else 1.0)
+    passed = ours.rel_l2 <= allowed
+    reason = "" if passed else (f"scratch rel_l2 vs fp32 {ours.rel_l2:.3g} > {tol.max_error_ratio:g} x diffusers' "
+                                f"{theirs.rel_l2:.3g} + {tol.ratio_floor:g}")
+    return Verdict(e, tol, passed, reason, ours.rel_l2, theirs.rel_l2, ratio)

@@ -1,0 +1,240 @@
+"""The SD 1.x autoencoder (AutoencoderKL, KL-f8), from scratch.
+
+Image (B, 3, H, W) in [-1, 1] -> encoder -> moments (B, 2*4, H/8, W/8) -> a diagonal
+Gaussian posterior -> latents z (B, 4, H/8, W/8) -> decoder -> image.
+z here is UNscaled: multiplying by cfg.scaling_factor (0.18215) is the pipeline's job,
+as in diffusers.
+
+Numerics follow diffusers' AutoencoderKL op for op (GroupNorm eps 1e-6 everywhere,
+pad (0,1,0,1) before each stride-2 conv, nearest x2 before each up conv, single-head
+SDPA attention in the mid blocks, logvar clamped to [-30, 20]); the one deliberate
+difference is the fused qkv projection (one matmul instead of three).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratch_sd import layers
+from scratch_sd.config import VAEConfig
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------- blocks
+def group_norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> conv, twice, plus the input (through a 1x1 conv when the width changes)."""
+
+    def __init__(self, cfg: VAEConfig, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = group_norm(cfg, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = group_norm(cfg, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))  # (dropout is 0 in SD)
+        if self.skip is not None:
+            x = self.skip(x)
+        return x + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """One head over all H*W positions, residual added (diffusers' Attention with
+    residual_connection=True, rescale_output_factor=1, run by its SDPA processor,
+    which ignores the block's upcast_softmax=True)."""
+
+    def __init__(self, cfg: VAEConfig, channels: int):
+        super().__init__()
+        self.norm = group_norm(cfg, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x.flatten(2)).transpose(1, 2)  # (B, H*W, C); normed as (B, C, H*W) like diffusers
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        t = self.out(layers.attention(q, k, v, heads=1))
+        return x + t.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    """Pad right and bottom by one, then a stride-2 3x3 conv without padding (asymmetric, as in LDM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Nearest x2, then a 3x3 conv. diffusers' Upsample2D upcasts bf16 around the
+    interpolation only for torch < 2.1; on newer torch it interpolates in the input
+    dtype, as here (nearest neighbour copies values, so it is exact in any dtype)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class MidBlock(nn.Module):
+    """resnet -> attention (optional) -> resnet, at the lowest resolution."""
+
+    def __init__(self, cfg: VAEConfig, channels: int):
+        super().__init__()
+        self.res = nn.ModuleList([ResnetBlock(cfg, channels, channels) for _ in range(2)])
+        self.attn = SpatialSelfAttention(cfg, channels) if cfg.mid_attention else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.res[0](x)
+        if self.attn is not None:
+            x = self.attn(x)
+        return self.res[1](x)
+
+
+class Level(nn.Module):
+    """One resolution: a few resnets, then an optional down- or upsampler."""
+
+    def __init__(self, cfg: VAEConfig, c_in: int, c_out: int, n_res: int, resample: str | None):
+        super().__init__()
+        self.res = nn.ModuleList([ResnetBlock(cfg, c_in if j == 0 else c_out, c_out) for j in range(n_res)])
+        self.downsample = Downsample(c_out) if resample == "down" else None
+        self.upsample = Upsample(c_out) if resample == "up" else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.res:
+            x = block(x)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+# --------------------------------------------------------------------------- encoder / decoder
+class Encoder(nn.Module):
+    """image (B, in_channels, H, W) -> moments (B, 2*latent_channels, H/f, W/f), f = 2**(levels-1)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = cfg.block_out_channels
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList([
+            Level(cfg, ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, "down" if i < n - 1 else None)
+            for i in range(n)])
+        self.mid = MidBlock(cfg, ch[-1])
+        self.norm_out = group_norm(cfg, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """latents (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f).
+    Levels run from the widest/lowest resolution up; each has layers_per_block + 1 resnets."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = tuple(reversed(cfg.block_out_channels))
+        n = len(ch)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid = MidBlock(cfg, ch[0])
+        self.up = nn.ModuleList([
+            Level(cfg, ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, "up" if i < n - 1 else None)
+            for i in range(n)])
+        self.norm_out = group_norm(cfg, ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(z))
+        for level in self.up:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+# --------------------------------------------------------------------------- posterior
+def randn_tensor(shape, generator=None, device=None, dtype=None) -> Tensor:
+    """Standard normals drawn as diffusers' `randn_tensor`: with a CPU generator they are
+    drawn on the CPU (in `dtype`) and then moved, so every device sees the same numbers;
+    a list of generators draws one batch element from each."""
+    device = torch.device(device or "cpu")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    rand_device = device
+    if first is not None and first.device.type != device.type:
+        if first.device.type != "cpu":
+            raise ValueError(f"cannot draw a {device} tensor from a {first.device.type} generator")
+        rand_device = torch.device("cpu")
+    if isinstance(generator, (list, tuple)):
+        one = (1, *shape[1:])
+        parts = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+class DiagonalGaussian:
+    """The posterior q(z | x): moments (B, 2C, h, w) split into mean and log-variance."""
+
+    def __init__(self, moments: Tensor):
+        self.moments = moments
+        self.mean, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    @property
+    def std(self) -> Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> Tensor:
+        return torch.exp(self.logvar)
+
+    def sample(self, generator=None, noise: Tensor | None = None) -> Tensor:
+        """mean + std * noise; noise drawn like diffusers' `latent_dist.sample(generator)` unless given."""
+        if noise is None:
+            noise = randn_tensor(self.mean.shape, generator, self.moments.device, self.moments.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+
+# --------------------------------------------------------------------------- model
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Unscaled latents -> image (divide pipeline latents by cfg.scaling_factor first)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: Tensor, sample_posterior: bool = False, generator=None) -> Tensor:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z)
