@@ -238,14 +238,14 @@ def check_schedulers(rec: Recorder, opts: Options, dtype: str) -> None:
     names = "all" if len(opts.schedulers) > 1 else opts.schedulers
     _progress(opts, f"schedulers {names}: timesteps, sigmas, sampling loops vs diffusers")
     for r in run_scheduler_checks(names):
-        tol = rec.table.lookup("scheduler", r["tensor"], "fp32")
         row = {c: "" for c in COLUMNS}
-        row.update({k: v for k, v in r.items() if k in COLUMNS})
+        row.update({k: ("" if v is None else v) for k, v in r.items() if k in COLUMNS})
+        note = r.get("note", "")
         row.update(run_id=rec.run_id, preset=rec.preset, dtype="fp32", device="cpu", mode="loop",
-                   status="compared", atol=r.get("atol", tol.atol), rtol=r.get("rtol", tol.rtol))
-        row["passed"] = bool(r["passed"])
-        if not row["passed"] and not row.get("reason"):
-            row["reason"] = f"max_abs {r['max_abs']:.3g} > atol {row['atol']}"
+                   status="skipped" if note.startswith("skipped") else "compared", passed=bool(r["passed"]),
+                   reason=note)
+        if not row["passed"] and not note:
+            row["reason"] = f"max_abs {r['max_abs']:.3g} > atol {r['atol']}"
         rec.rows.append(row)
 
 
@@ -270,37 +270,36 @@ def _pipeline_parts(models, dtype: str, device: str, swap: set[str]) -> dict:
     return parts
 
 
-def check_swaps(rec: Recorder, opts: Options, models, dtype: str, truth_cache: dict) -> None:
+def _baseline(models, opts: Options, sched: str, mode: str, dtype: str, cache: dict, swap=frozenset()):
+    """A traced diffusers pipeline run (with `swap` components replaced by scratch), cached."""
     from parity.trace import run_pipeline
 
+    key = ("pipeline", sched, mode, dtype, frozenset(swap))
+    if key not in cache:
+        what = "baseline" if not swap else "swap " + ",".join(sorted(swap))
+        _progress(opts, f"{what} {dtype} {mode} [{sched}]")
+        parts = _pipeline_parts(models, dtype, opts.device, set(swap))
+        ref_s, our_s = _schedulers_for(sched, models)
+        cache[key] = run_pipeline(parts, our_s if "scheduler" in swap else ref_s, mode, opts.seed, opts.steps,
+                                  opts.size, device=opts.device)
+    return cache[key]
+
+
+SWAP_SETS = {"text_encoder": {"text_encoder"}, "vae": {"vae"}, "unet": {"unet"}, "scheduler": {"scheduler"},
+             "all_swapped": {"text_encoder", "vae", "unet", "scheduler"}}
+
+
+def check_swaps(rec: Recorder, opts: Options, models, dtype: str, cache: dict) -> None:
     swaps = [c for c in ("text_encoder", "vae", "unet", "scheduler") if c in opts.components]
     if "pipeline" in opts.components:
         swaps.append("all_swapped")
-    if not swaps:
-        return
     for sched in opts.schedulers:
         for mode in opts.modes:
-            def run(swap: set[str], dt: str):
-                parts = _pipeline_parts(models, dt, opts.device, swap)
-                ref_s, our_s = _schedulers_for(sched, models)
-                return run_pipeline(parts, our_s if "scheduler" in swap else ref_s, mode, opts.seed, opts.steps,
-                                    opts.size, device=opts.device)
-
-            key = ("pipeline", sched, mode)
-            if key not in truth_cache:
-                _progress(opts, f"baseline fp32 {mode} [{sched}]")
-                truth_cache[key] = run(set(), "fp32")
-            truth = truth_cache[key]
-            if dtype == "fp32":
-                base = truth
-            else:
-                _progress(opts, f"baseline {dtype} {mode} [{sched}]")
-                base = run(set(), dtype)
+            truth = _baseline(models, opts, sched, mode, "fp32", cache)
+            base = _baseline(models, opts, sched, mode, dtype, cache)
             rec.images.setdefault((dtype, mode, sched), {})["diffusers"] = base.image
             for comp in swaps:
-                swap = {"text_encoder", "vae", "unet", "scheduler"} if comp == "all_swapped" else {comp}
-                _progress(opts, f"swap {comp} {dtype} {mode} [{sched}]")
-                out = run(swap, dtype)
+                out = _baseline(models, opts, sched, mode, dtype, {}, frozenset(SWAP_SETS[comp]))
                 rec.images[(dtype, mode, sched)][comp] = out.image
                 for (kind, step, r), (_, _, o), (_, _, t) in zip(base.tensors(), out.tensors(), truth.tensors()):
                     rec.compare(comp, dtype, kind, r, o, None if dtype == "fp32" else t, mode=mode,
@@ -308,20 +307,19 @@ def check_swaps(rec: Recorder, opts: Options, models, dtype: str, truth_cache: d
 
 
 # --------------------------------------------------------------------------- 4. scratch pipeline
-def check_scratch_pipeline(rec: Recorder, opts: Options, models, dtype: str) -> None:
+def check_scratch_pipeline(rec: Recorder, opts: Options, models, dtype: str, cache: dict) -> None:
     if "pipeline" not in opts.components:
         return
-    try:
-        from parity.pipeline_check import compare_pipelines
-    except ImportError:
-        rec.skip("pipeline", dtype, "scratch pipeline comparison not available in this build")
-        return
+    from parity.pipeline_check import compare_pipelines
+
     for sched in opts.schedulers:
         for mode in opts.modes:
+            truth = _baseline(models, opts, sched, mode, "fp32", cache)
+            base = _baseline(models, opts, sched, mode, dtype, cache)
             _progress(opts, f"scratch pipeline {dtype} {mode} [{sched}]")
-            for kind, ref, out, truth in compare_pipelines(models, sched, mode, dtype, opts):
-                rec.compare("pipeline", dtype, kind, ref, out, truth, mode=mode, case=f"seed={opts.seed}",
-                            scheduler=sched)
+            for kind, step, ref, out, t in compare_pipelines(models, sched, mode, dtype, opts, base, truth):
+                rec.compare("pipeline", dtype, kind, ref, out, None if dtype == "fp32" else t, mode=mode,
+                            case=f"seed={opts.seed}", step=step, scheduler=sched)
 
 
 # --------------------------------------------------------------------------- main
@@ -349,29 +347,25 @@ def run(args) -> int:
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S")
     _quiet_libraries()
-    nets = NETWORKS  # the swap matrix needs all three, whatever is swapped
-    _progress(opts, f"building {opts.model or opts.preset} ({', '.join(nets)})")
-    models = build_models(opts.preset, opts.model, nets, seed=opts.seed) if nets else None
-    preset_name = models.cfg.name if models else opts.preset
-    rec = Recorder(run_id, preset_name if not opts.model else f"model:{Path(opts.model).name}", opts.device, opts.table)
-    truth_cache: dict = {}
-    for dtype in ["fp32"] + [d for d in opts.dtypes if d != "fp32"]:  # fp32 first: it is the truth
-        judged = dtype in opts.dtypes
-        if not judged and not (set(opts.components) - {"scheduler"}):
-            continue
-        reason = cpu_cannot(dtype, opts, models) if models else None
+    _progress(opts, f"building {opts.model or opts.preset} ({', '.join(NETWORKS)})")
+    models = build_models(opts.preset, opts.model, NETWORKS, seed=opts.seed)  # the swap matrix needs all three
+    rec = Recorder(run_id, models.cfg.name if not opts.model else f"model:{Path(opts.model).name}", opts.device,
+                   opts.table)
+    cache: dict = {}  # fp32 truths and traced pipeline runs, shared by the sections below
+    if any(d != "fp32" for d in opts.dtypes) and "fp32" not in opts.dtypes:
+        # low precision is judged against fp32: compute the networks' fp32 outputs first, unjudged
+        check_networks(Recorder(run_id, rec.preset, opts.device, opts.table), opts, models, "fp32", cache)
+    for dtype in sorted(opts.dtypes, key=list(DTYPES).index):  # fp32 first: it is the truth
+        reason = cpu_cannot(dtype, opts, models)
         if reason:
             for c in opts.components:
                 rec.skip(c, dtype, reason)
             continue
-        sink = rec if judged else Recorder(run_id, rec.preset, opts.device, opts.table)  # fp32 truth only
-        if models:
-            check_networks(sink, opts, models, dtype, truth_cache)
-        if "scheduler" in opts.components and judged:
+        check_networks(rec, opts, models, dtype, cache)
+        if "scheduler" in opts.components:
             check_schedulers(rec, opts, dtype)
-        if models:
-            check_swaps(sink, opts, models, dtype, truth_cache)
-            check_scratch_pipeline(sink, opts, models, dtype)
+        check_swaps(rec, opts, models, dtype, cache)
+        check_scratch_pipeline(rec, opts, models, dtype, cache)
     paths = report.write_check(rec, opts, time.time() - t0)
     failed = [r for r in rec.rows if r["status"] == "compared" and not r["passed"]]
     compared = sum(r["status"] == "compared" for r in rec.rows)

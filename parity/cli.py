@@ -34,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands, or (with `only`) just that one's module imported and the rest as stubs."""
     parser = _Parser(prog="sdparity", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module in SUBCOMMANDS.items():
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         # Import only the chosen subcommand's module (imports of diffusers cost seconds).
-        parser = build_parser(command if command in SUBCOMMANDS else None)
+        parser = build_parser(command if command in SUBCOMMANDS else "")
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)

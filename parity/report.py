@@ -126,7 +126,7 @@ def plot_errors_by_step(rec, path: Path) -> bool:
 
     series = defaultdict(list)
     for r in rec.rows:
-        if r["status"] == "compared" and r["tensor"] == "latents" and r["step"] != "":
+        if r["status"] == "compared" and r["tensor"] == "latents" and r["mode"] in ("txt2img", "img2img"):
             series[(r["dtype"], r["mode"], r["scheduler"], r["component"])].append((int(r["step"]), r["max_abs"]))
     if not series:
         return False

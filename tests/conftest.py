@@ -1,4 +1,5 @@
 import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep: a loaded 2-core box stays usable
 
 import pytest
 import torch

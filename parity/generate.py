@@ -1,0 +1,271 @@
+"""`sdparity generate`: a prompt (and optionally an init image) to a PNG, with the scratch pipeline
+or diffusers' — or both (`--compare`): side by side with a difference heat map, PSNR and max_abs.
+
+    sdparity generate --prompt "a red fox" --preset tiny --steps 4 --compare --out fox.png
+
+Also the one place that builds both pipelines on the same weights (the tests use it):
+`pipelines(models, scheduler)` -> (ScratchPipeline, diffusers StableDiffusionPipeline), with the
+scheduler of the same name built from the same config on each side.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from scratch_sd.pipeline import PIPELINE_SCHEDULERS, ScratchPipeline, load_image, make_scheduler
+
+# The bar of issue 5: final images in [0, 1] pixel units, fp32 on CPU.
+MIN_PSNR_DB = 80.0
+MAX_ABS = 1e-4
+
+
+# --------------------------------------------------------------------------- building pipelines
+def diffusers_scheduler(name: str, config: dict):
+    """diffusers' scheduler class of our registry name, from the same config (its own from_config)."""
+    import diffusers
+    from scratch_sd.schedulers import DIFFUSERS_CLASS_NAMES
+
+    make_scheduler(name, config)  # same name check and message as the scratch side
+    return getattr(diffusers, DIFFUSERS_CLASS_NAMES[name]).from_config(config)
+
+
+def scratch_pipeline(models, scheduler: str = "pndm") -> ScratchPipeline:
+    """The scratch pipeline over a parity.models.Models' scratch networks."""
+    nets = {n: models.pairs[n].scratch for n in ("text_encoder", "vae", "unet")}
+    return ScratchPipeline(nets["text_encoder"], nets["vae"], nets["unet"], models.tokenizer,
+                           make_scheduler(scheduler, models.scheduler_config), models.cfg)
+
+
+def diffusers_pipeline(models, scheduler: str = "pndm", img2img: bool = False):
+    """diffusers' StableDiffusion(Img2Img)Pipeline over the reference networks (no safety checker)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    refs = {n: models.pairs[n].reference for n in ("text_encoder", "vae", "unet")}
+    return cls(vae=refs["vae"], text_encoder=refs["text_encoder"], tokenizer=models.tokenizer, unet=refs["unet"],
+               scheduler=diffusers_scheduler(scheduler, models.scheduler_config), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
+
+
+def scratch_pipeline_from_preset(name: str = "tiny", scheduler: str = "pndm", seed: int = 0) -> ScratchPipeline:
+    """ScratchPipeline.from_preset: the zoo's seeded reference weights, converted to scratch."""
+    from parity.models import build_models
+
+    make_scheduler(scheduler)  # fail before seconds of model building
+    return scratch_pipeline(build_models(name, seed=seed), scheduler)  # the reference copies are dropped
+
+
+def _diffusers_from_folder(path: Path, scheduler: str | None, img2img: bool):
+    import json
+
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(path), local_files_only=True, safety_checker=None, feature_extractor=None,
+                               requires_safety_checker=False, torch_dtype=torch.float32)
+    if scheduler is not None:
+        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        pipe.scheduler = diffusers_scheduler(scheduler, config)
+    return pipe
+
+
+# --------------------------------------------------------------------------- running
+def _request(args) -> dict:
+    """The pipeline call's keyword arguments, shared by both implementations."""
+    prompts = args.prompt
+    negatives = args.negative_prompt
+    if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    request = dict(prompt=prompts if len(prompts) > 1 else prompts[0],
+                   negative_prompt=(negatives if len(negatives) > 1 else negatives[0]) if negatives else None,
+                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                   num_images_per_prompt=args.num_images)
+    if args.init_image is not None:
+        image = load_image(args.init_image)
+        if args.height or args.width:  # diffusers' img2img has no size: resize the init image for both
+            image = image.resize((args.width or image.width, args.height or image.height),
+                                 resample=PIL.Image.Resampling.LANCZOS)
+        request.update(image=image, strength=args.strength)
+    else:
+        request.update(height=args.height, width=args.width)
+    return request
+
+
+def run_scratch(pipe: ScratchPipeline, request: dict, seed: int, progress: bool) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(**request, generator=generator, output_type="np", progress=progress).images
+
+
+def run_diffusers(pipe, request: dict, seed: int, progress: bool) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe(**request, generator=generator, output_type="np").images
+
+
+def _validate(args) -> None:
+    """Every input error before any model is built (bad input: exit 2, nothing written)."""
+    from parity.cli import UsageError
+    from scratch_sd.pipeline import check_prompts, check_size, check_strength
+
+    if Path(args.out).suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {args.out!r}")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a directory")
+    make_scheduler(args.scheduler)
+    check_prompts(args.prompt if len(args.prompt) > 1 else args.prompt[0],
+                   None if args.negative_prompt is None else
+                   (args.negative_prompt * len(args.prompt) if len(args.negative_prompt) == 1 else args.negative_prompt))
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.height is not None or args.width is not None:
+        check_size(args.height or 8, args.width or 8)
+    if args.init_image is not None:
+        check_strength(args.strength, args.steps)
+        load_image(args.init_image)  # missing or unreadable: exit 2 now
+    elif args.strength_given:
+        raise UsageError("--strength needs --init-image")
+    if args.model is not None:
+        model = Path(args.model)
+        if not model.exists():
+            raise FileNotFoundError(2, "No such model", str(model))
+        if not model.is_dir():
+            raise UsageError(f"--model {model}: single-file checkpoints are not supported by generate yet; "
+                             "give a diffusers folder")
+
+
+def generate(args) -> tuple[dict[str, np.ndarray], str]:
+    """Run the chosen implementation(s); returns {impl: images (B, H, W, 3)} and a source label."""
+    request = _request(args)
+    img2img = "image" in request
+    impls = ("scratch", "diffusers") if args.compare else (args.impl,)
+    progress = not args.no_progress
+    out: dict[str, np.ndarray] = {}
+    if args.model is not None:
+        path = Path(args.model)
+        if "scratch" in impls:
+            out["scratch"] = run_scratch(ScratchPipeline.from_pretrained(path, scheduler=args.scheduler), request,
+                                         args.seed, progress)
+        if "diffusers" in impls:
+            out["diffusers"] = run_diffusers(_diffusers_from_folder(path, args.scheduler, img2img), request,
+                                             args.seed, progress)
+        return out, str(path)
+    from parity.models import build_models
+
+    models = build_models(args.preset, seed=args.model_seed)
+    if "scratch" in impls:
+        out["scratch"] = run_scratch(scratch_pipeline(models, args.scheduler), request, args.seed, progress)
+    if "diffusers" in impls:
+        out["diffusers"] = run_diffusers(diffusers_pipeline(models, args.scheduler, img2img), request, args.seed,
+                                         progress)
+    return out, f"preset {args.preset}"
+
+
+# --------------------------------------------------------------------------- pictures
+def heat(diff: np.ndarray, scale: float) -> np.ndarray:
+    """(H, W) non-negative -> (H, W, 3) in [0, 1]: black -> red -> yellow -> white (white = `scale`)."""
+    x = diff / scale if scale > 0 else diff
+    return np.stack([np.clip(3 * x, 0, 1), np.clip(3 * x - 1, 0, 1), np.clip(3 * x - 2, 0, 1)], axis=-1)
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+def grid(rows: list[list[np.ndarray]], gap: int = 4) -> PIL.Image.Image:
+    """Rows of (H, W, 3) images in [0, 1] -> one RGB image with white gaps."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = _to_uint8(im)
+    return PIL.Image.fromarray(canvas)
+
+
+def comparison_picture(scratch: np.ndarray, reference: np.ndarray) -> tuple[PIL.Image.Image, float]:
+    """One row per image: scratch | diffusers | |difference| heat map (white = the largest difference)."""
+    diff = np.abs(scratch.astype(np.float64) - reference.astype(np.float64)).max(axis=-1)  # (B, H, W)
+    scale = float(diff.max())
+    rows = [[s, r, heat(d, scale)] for s, r, d in zip(scratch, reference, diff)]
+    return grid(rows), scale
+
+
+def save_png(image: PIL.Image.Image, out: str | Path) -> Path:
+    from scratch_sd.io import atomic_path
+
+    with atomic_path(out, ".png") as tmp:
+        image.save(tmp, format="PNG")
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("generate", help="prompt -> PNG with the scratch pipeline, diffusers', or both (--compare)",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch of prompts")
+    p.add_argument("--negative-prompt", action="append", default=None,
+                   help="one for all prompts, or one per --prompt (in order)")
+    p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
+    p.add_argument("--strength", type=float, default=None, help="img2img: how much to change the image, in (0, 1] "
+                                                                "(default 0.8)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--scheduler", default="pndm", help=f"one of {', '.join(PIPELINE_SCHEDULERS)} (default pndm)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (a CPU torch.Generator)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=("tiny", "sd15"), default="tiny", help="seeded random weights (default tiny)")
+    src.add_argument("--model", default=None, metavar="PATH", help="a local diffusers model folder")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of a preset's random weights")
+    p.add_argument("--impl", choices=("scratch", "diffusers"), default="scratch")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--compare", action="store_true",
+                   help="run both implementations; write scratch | diffusers | difference map; print PSNR, max_abs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG (written atomically)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    args.strength_given = args.strength is not None
+    args.strength = 0.8 if args.strength is None else args.strength
+    _validate(args)
+    images, source = generate(args)
+    if not args.compare:
+        picture = grid([list(images[args.impl])])
+        save_png(picture, args.out)
+        print(f"wrote {args.out} ({len(images[args.impl])} image(s), {args.impl}, {source})")
+        return 0
+    from parity.metrics import compare
+
+    scratch, reference = images["scratch"], images["diffusers"]
+    picture, scale = comparison_picture(scratch, reference)
+    save_png(picture, args.out)
+    mode = f"img2img strength {args.strength}" if args.init_image else "txt2img"
+    print(f"scratch vs diffusers: {source}, {mode}, scheduler {args.scheduler}, {args.steps} steps, "
+          f"guidance {args.guidance_scale}, seed {args.seed}, {len(scratch)} image(s) "
+          f"{scratch.shape[2]}x{scratch.shape[1]}, fp32 cpu")
+    for i, (s, r) in enumerate(zip(scratch, reference)):
+        e = compare(torch.from_numpy(r), torch.from_numpy(s))
+        print(f"  image {i}: PSNR {e.psnr_db:.1f} dB  max_abs {e.max_abs:.3g}  mean_abs {e.mean_abs:.3g}")
+    total = compare(torch.from_numpy(reference), torch.from_numpy(scratch))
+    ok = total.finite and total.psnr_db >= MIN_PSNR_DB and total.max_abs <= MAX_ABS
+    print(f"all: PSNR {total.psnr_db:.1f} dB  max_abs {total.max_abs:.3g}  "
+          f"(bar: PSNR >= {MIN_PSNR_DB:g} dB, max_abs <= {MAX_ABS:g})  {'PASS' if ok else 'FAIL'}")
+    print(f"wrote {args.out} (rows: scratch | diffusers | |difference|, white = {scale:.3g})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from parity.cli import main
+
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,390 @@
+"""Scheduler parity: scratch_sd.schedulers against diffusers' schedulers, one row per compared tensor.
+
+For each scheduler and config variant (SD 1.5's config, every timestep_spacing, every prediction_type,
+steps_offset 0/1, set_alpha_to_one, and the scheduler's own options) and each step count:
+  (a) timesteps and sigmas, exactly (same dtype, max_abs 0);
+  (b) a full sampling loop driven by a smooth deterministic model function, from the same initial noise,
+      stochastic steps fed by identically seeded torch.Generators: final fp32 latents within 1e-6;
+  (c) optionally the same loop with a real (tiny) UNet for a few step counts;
+  and add_noise. Combinations diffusers itself rejects are skipped with a note, after checking that
+  ours rejects them too.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from parity.metrics import compare
+from scratch_sd import schedulers as ours_mod
+
+DEFAULT_STEPS = (1, 2, 10, 20, 50, 1000)
+LONG_STEPS = 1000  # the long loop runs only for variants marked `long`
+UNET_STEPS = (1, 2, 10)
+LATENT_SHAPE = (1, 4, 8, 8)
+SEED = 0
+LATENT_ATOL = 1e-6
+
+SD15 = {k: v for k, v in ours_mod.SD15_SCHEDULER_CONFIG.items() if not k.startswith("_")}
+
+
+@dataclass
+class Variant:
+    """One config of one scheduler: config overrides on the base, step() kwargs, the model's output shape."""
+
+    name: str  # registry name
+    label: str  # e.g. "ddim[spacing=trailing,pred=v_prediction,eta=0.0]"
+    config: dict
+    step_kwargs: dict = field(default_factory=dict)
+    model: str = "eps"  # "eps" | "learned" | "learned_range" (DDPM: model also predicts the variance)
+    long: bool = False  # also run the 1000-step loop
+
+
+def model_fn(sample: torch.Tensor, t: Any) -> torch.Tensor:
+    """A smooth, deterministic stand-in for the UNet: eps = 0.1 x + 0.05 sin(x + t / 100)."""
+    t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+    return 0.1 * sample + 0.05 * torch.sin(sample + t / 100.0)
+
+
+def score_fn(sample: torch.Tensor, sigma: Any) -> torch.Tensor:
+    """Stand-in for a VE score model: about -x / (sigma^2 + 1), plus a smooth perturbation."""
+    s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+    return -sample / (s * s + 1.0) + 0.01 * torch.sin(sample)
+
+
+def _with_variance(eps: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "learned":  # a positive variance
+        return torch.cat([eps, 0.02 * torch.sigmoid(eps)], dim=1)
+    if kind == "learned_range":  # an interpolation weight in [-1, 1]
+        return torch.cat([eps, torch.tanh(eps)], dim=1)
+    return eps
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+def _label(name: str, parts: dict) -> str:
+    return f"{name}[" + ",".join(f"{k}={v}" for k, v in parts.items()) + "]"
+
+
+def variants_for(name: str) -> list[Variant]:
+    """The config variants checked for one scheduler (one factor at a time around SD 1.5, plus crosses)."""
+    cls = ours_mod.SCHEDULERS[name]
+    keys = set(cls.config_keys())
+    out: list[Variant] = []
+
+    def add(parts: dict, config: dict, step_kwargs: dict | None = None, model: str = "eps", long: bool = False):
+        out.append(Variant(name, _label(name, parts), config, step_kwargs or {}, model, long))
+
+    if name == "sde_ve":
+        add({"config": "default"}, {}, long=True)
+        add({"correct_steps": 0}, {"correct_steps": 0})
+        add({"correct_steps": 2}, {"correct_steps": 2})
+        add({"snr": 0.3, "sigma_max": 50.0}, {"snr": 0.3, "sigma_max": 50.0})
+        add({"sampling_eps": 1e-3, "sigma_min": 0.02}, {"sampling_eps": 1e-3, "sigma_min": 0.02})
+        return out
+
+    preds = cls.CHECKS["prediction_type"].allowed
+    preds = [p for p in preds if p != "original_sample"]
+    eta = {"eta": 0.0} if name == "ddim" else {}
+    # 1. SD 1.5 itself (its scheduler_config.json), with the 1000-step loop
+    add({"config": "sd15", **eta}, dict(SD15), {"eta": 0.0} if eta else {}, long=True)
+    # 2. every spacing x every prediction type
+    for spacing in ("leading", "linspace", "trailing"):
+        for pred in preds:
+            if spacing == "leading" and pred == "epsilon":
+                continue  # = sd15
+            add({"spacing": spacing, "pred": pred, **eta}, {**SD15, "timestep_spacing": spacing, "prediction_type": pred},
+                {"eta": 0.0} if eta else {})
+    # 3. steps_offset 0 (diffusers' default; with it the leading grid stays inside [0, T-1] at 1000 steps)
+    add({"offset": 0, **eta}, {**SD15, "steps_offset": 0}, {"eta": 0.0} if eta else {}, long=True)
+    # 4. set_alpha_to_one
+    if "set_alpha_to_one" in keys:
+        add({"alpha_one": True, **eta}, {**SD15, "set_alpha_to_one": True}, {"eta": 0.0} if eta else {})
+    # 5. other beta schedules, zero terminal SNR
+    add({"beta": "linear"}, {**SD15, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+        {"eta": 0.0} if eta else {})
+    add({"beta": "squaredcos_cap_v2"}, {**SD15, "beta_schedule": "squaredcos_cap_v2"}, {"eta": 0.0} if eta else {})
+    if "rescale_betas_zero_snr" in keys:
+        add({"zero_snr": True, "spacing": "trailing", "pred": "v_prediction"},
+            {**SD15, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+            {"eta": 0.0} if eta else {})
+    # 6. the scheduler's own options
+    if name == "ddpm":
+        for vt in ("fixed_small_log", "fixed_large", "learned", "learned_range"):
+            add({"variance": vt}, {**SD15, "variance_type": vt}, model=vt if vt.startswith("learned") else "eps")
+        add({"clip_sample": True, "range": 1.5}, {**SD15, "clip_sample": True, "clip_sample_range": 1.5})
+    elif name == "ddim":
+        for e in (0.5, 1.0):
+            add({"eta": e}, dict(SD15), {"eta": e})
+        add({"spacing": "trailing", "eta": 1.0}, {**SD15, "timestep_spacing": "trailing"}, {"eta": 1.0})
+        add({"clip_sample": True, "eta": 0.0, "clipped_eps": True}, {**SD15, "clip_sample": True},
+            {"eta": 0.0, "use_clipped_model_output": True})
+    elif name == "pndm":
+        add({"skip_prk_steps": False}, {**SD15, "skip_prk_steps": False})
+        add({"skip_prk_steps": False, "spacing": "linspace", "pred": "v_prediction"},
+            {**SD15, "skip_prk_steps": False, "timestep_spacing": "linspace", "prediction_type": "v_prediction"})
+    elif name == "euler":
+        add({"karras": True}, {**SD15, "use_karras_sigmas": True})
+        add({"karras": True, "spacing": "trailing", "pred": "v_prediction"},
+            {**SD15, "use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"})
+        add({"interpolation": "log_linear"}, {**SD15, "interpolation_type": "log_linear"})
+        add({"final_sigma": "sigma_min"}, {**SD15, "final_sigmas_type": "sigma_min"})
+        add({"timestep_type": "continuous", "pred": "v_prediction"},
+            {**SD15, "timestep_type": "continuous", "prediction_type": "v_prediction"})
+        add({"churn": 1.0}, dict(SD15), {"s_churn": 1.0})
+        add({"karras": True, "sigma_min": 0.1, "sigma_max": 10.0},
+            {**SD15, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0})
+    elif name == "dpmpp_2m":
+        add({"karras": True}, {**SD15, "use_karras_sigmas": True})
+        add({"karras": True, "spacing": "trailing"}, {**SD15, "use_karras_sigmas": True, "timestep_spacing": "trailing"})
+        add({"lower_order_final": False}, {**SD15, "lower_order_final": False})
+        add({"karras": True, "lower_order_final": False}, {**SD15, "use_karras_sigmas": True, "lower_order_final": False})
+        add({"final_sigma": "sigma_min"}, {**SD15, "final_sigmas_type": "sigma_min"})
+        add({"final_sigma": "sigma_min", "euler_at_final": True},
+            {**SD15, "final_sigmas_type": "sigma_min", "euler_at_final": True})
+        add({"solver_type": "heun"}, {**SD15, "solver_type": "heun"})
+        add({"order": 1}, {**SD15, "solver_order": 1})
+        add({"order": 3}, {**SD15, "solver_order": 3})
+        add({"algorithm": "sde-dpmsolver++"}, {**SD15, "algorithm_type": "sde-dpmsolver++"})
+        add({"algorithm": "sde-dpmsolver++", "karras": True, "order": 3},
+            {**SD15, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "solver_order": 3})
+        add({"beta": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+            {**SD15, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1})
+    elif name == "lms":
+        add({"karras": True}, {**SD15, "use_karras_sigmas": True})
+        add({"karras": True, "spacing": "trailing", "pred": "v_prediction"},
+            {**SD15, "use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the two sides
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    import diffusers.utils.logging as dlog
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def make_pair(variant: Variant):
+    """(diffusers scheduler, scratch scheduler) from the same config dict."""
+    import diffusers
+    ref_cls = getattr(diffusers, ours_mod.DIFFUSERS_CLASS_NAMES[variant.name])
+    with _quiet_diffusers():
+        ref = ref_cls.from_config(dict(variant.config))
+    ours = ours_mod.SCHEDULERS[variant.name].from_config(dict(variant.config))
+    return ref, ours
+
+
+def _step_kwargs(sched, variant: Variant, generator: torch.Generator) -> dict:
+    """As StableDiffusionPipeline.prepare_extra_step_kwargs: pass what `step` accepts."""
+    params = set(inspect.signature(sched.step).parameters)
+    kwargs = {k: v for k, v in variant.step_kwargs.items() if k in params}
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def sample_loop(sched, variant: Variant, steps: int, noise: torch.Tensor, model: Callable,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The denoising loop of StableDiffusionPipeline (or ScoreSdeVePipeline for sde_ve); returns final latents.
+    Stochastic steps draw from `generator` (a fresh one seeded SEED + 1 by default)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(SEED + 1)
+    if variant.name == "sde_ve":
+        sched.set_timesteps(steps)
+        sched.set_sigmas(steps)
+        sample = noise * sched.init_noise_sigma
+        for i, t in enumerate(sched.timesteps):
+            sigma_t = sched.sigmas[i] * torch.ones(sample.shape[0])
+            for _ in range(sched.config.correct_steps):
+                sample = sched.step_correct(model(sample, sigma_t), sample, generator=generator).prev_sample
+            sample = sched.step_pred(model(sample, sigma_t), t, sample, generator=generator).prev_sample
+        return sample
+    sched.set_timesteps(steps)
+    latents = noise * sched.init_noise_sigma
+    kwargs = _step_kwargs(sched, variant, generator)
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(latents, t)
+        out = _with_variance(model(inp, t), variant.model)
+        latents = sched.step(out, t, latents, **kwargs, return_dict=False)[0]
+    return latents
+
+
+def add_noise_one(sched, variant: Variant, steps: int) -> torch.Tensor:
+    """add_noise on a batch of 3 at the first, middle and last timestep of an n-step schedule."""
+    g = torch.Generator().manual_seed(SEED + 2)
+    x0 = torch.randn((3,) + LATENT_SHAPE[1:], generator=g)
+    eps = torch.randn((3,) + LATENT_SHAPE[1:], generator=g)
+    sched.set_timesteps(steps)
+    if variant.name == "sde_ve":  # integer indices into discrete_sigmas
+        sched.set_sigmas(steps)
+        ts = torch.tensor([0, steps // 2, steps - 1])
+    else:
+        n = len(sched.timesteps)
+        ts = sched.timesteps[torch.tensor([0, n // 2, n - 1])]
+    return sched.add_noise(x0, eps, ts)
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+def _row(label: str, steps: int | str, tensor: str, ref: torch.Tensor | None, out: torch.Tensor | None,
+         atol: float, note: str = "", passed: bool | None = None) -> dict:
+    row = {"component": "scheduler", "scheduler": label, "step": str(steps), "tensor": tensor, "dtype": "fp32",
+           "device": "cpu", "shape": "", "max_abs": None, "mean_abs": None, "rel_l2": None, "cosine_distance": None,
+           "psnr_db": None, "atol": atol, "rtol": 0.0, "min_psnr_db": None, "passed": passed, "note": note}
+    if ref is not None and out is not None:
+        row["shape"] = "x".join(str(s) for s in ref.shape)
+        if ref.shape != out.shape:
+            row.update(passed=False, note=f"shape mismatch: diffusers {tuple(ref.shape)} vs scratch {tuple(out.shape)}")
+            return row
+        err = compare(ref, out)
+        row.update(max_abs=err.max_abs, mean_abs=err.mean_abs, rel_l2=err.rel_l2,
+                   cosine_distance=err.cosine_distance, psnr_db=err.psnr_db)
+        ok = err.finite and err.max_abs <= atol
+        if ref.dtype != out.dtype:
+            ok = False
+            row["note"] = (note + "; " if note else "") + f"dtype differs: diffusers {ref.dtype} vs scratch {out.dtype}"
+        if not err.finite:
+            # diffusers itself may produce inf/NaN (e.g. repeated timesteps): equal only if the same elements
+            # are non-finite and the rest agree
+            same_mask = torch.equal(torch.isfinite(ref), torch.isfinite(out))
+            fin = torch.isfinite(ref)
+            rest_ok = same_mask and (not fin.any() or float((ref[fin] - out[fin]).abs().max()) <= atol)
+            ok = bool(rest_ok) and ref.dtype == out.dtype
+            row["note"] = (note + "; " if note else "") + ("diffusers output is non-finite too; finite parts "
+                                                            "agree" if ok else "non-finite values differ")
+        row["passed"] = bool(ok)
+    return row
+
+
+def _run_both(fn_ref: Callable, fn_ours: Callable):
+    """Run both sides; (ref_result, ours_result, ref_exc, ours_exc)."""
+    results, excs = [], []
+    for fn in (fn_ref, fn_ours):
+        try:
+            results.append(fn())
+            excs.append(None)
+        except Exception as e:  # noqa: BLE001 - a raised error is a result to compare
+            results.append(None)
+            excs.append(e)
+    return results[0], results[1], excs[0], excs[1]
+
+
+def _exception_row(label, steps, tensor, ref_exc, ours_exc, atol) -> dict:
+    if ref_exc is not None and ours_exc is not None:
+        return _row(label, steps, tensor, None, None, atol, passed=True,
+                    note=f"skipped: diffusers raises {type(ref_exc).__name__}({str(ref_exc)[:80]}); scratch raises "
+                         f"{type(ours_exc).__name__}({str(ours_exc)[:80]})")
+    if ref_exc is not None:
+        return _row(label, steps, tensor, None, None, atol, passed=False,
+                    note=f"diffusers raises {type(ref_exc).__name__}({str(ref_exc)[:80]}) but scratch does not")
+    return _row(label, steps, tensor, None, None, atol, passed=False,
+                note=f"scratch raises {type(ours_exc).__name__}({str(ours_exc)[:120]}) but diffusers does not")
+
+
+def check_variant(variant: Variant, steps: Iterable[int] = DEFAULT_STEPS, unet: Callable | None = None) -> list[dict]:
+    rows = []
+    model = score_fn if variant.name == "sde_ve" else model_fn
+    g = torch.Generator().manual_seed(SEED)
+    noise = torch.randn(LATENT_SHAPE, generator=g)
+    for n in steps:
+        if n == LONG_STEPS and not variant.long:
+            continue
+        ref, ours = make_pair(variant)
+        # (a) timesteps and sigmas, exact
+        def schedule(s):
+            s.set_timesteps(n)
+            if variant.name == "sde_ve":
+                s.set_sigmas(n)
+            return s
+        r, o, re, oe = _run_both(lambda: schedule(ref), lambda: schedule(ours))
+        if re or oe:
+            rows.append(_exception_row(variant.label, n, "timesteps", re, oe, 0.0))
+            continue
+        rows.append(_row(variant.label, n, "timesteps", ref.timesteps, ours.timesteps, 0.0))
+        if hasattr(ref, "sigmas"):
+            rows.append(_row(variant.label, n, "sigmas", ref.sigmas, ours.sigmas, 0.0))
+        if hasattr(ref, "discrete_sigmas"):
+            rows.append(_row(variant.label, n, "discrete_sigmas", ref.discrete_sigmas, ours.discrete_sigmas, 0.0))
+        # (b) the sampling loop
+        ref, ours = make_pair(variant)
+        with _quiet_diffusers(), torch.no_grad():
+            r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), model),
+                                     lambda: sample_loop(ours, variant, n, noise.clone(), model))
+        rows.append(_exception_row(variant.label, n, "latents", re, oe, LATENT_ATOL) if (re or oe)
+                    else _row(variant.label, n, "latents", r, o, LATENT_ATOL))
+        # add_noise
+        ref, ours = make_pair(variant)
+        r, o, re, oe = _run_both(lambda: add_noise_one(ref, variant, n), lambda: add_noise_one(ours, variant, n))
+        rows.append(_exception_row(variant.label, n, "add_noise", re, oe, LATENT_ATOL) if (re or oe)
+                    else _row(variant.label, n, "add_noise", r, o, LATENT_ATOL))
+        # (c) the loop with a real UNet
+        if unet is not None and n in UNET_STEPS and variant.name != "sde_ve" and variant.label.endswith("[config=sd15]"):
+            ref, ours = make_pair(variant)
+            with _quiet_diffusers(), torch.no_grad():
+                r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), unet),
+                                         lambda: sample_loop(ours, variant, n, noise.clone(), unet))
+            rows.append(_exception_row(variant.label, n, "latents_unet", re, oe, LATENT_ATOL) if (re or oe)
+                        else _row(variant.label, n, "latents_unet", r, o, LATENT_ATOL))
+    return rows
+
+
+def run_scheduler_checks(names: list[str] | str = "all", steps: Iterable[int] = DEFAULT_STEPS,
+                         unet: Callable | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """All rows for the named schedulers ("all" = every registry entry). `unet(sample, t) -> eps` adds
+    the "latents_unet" rows (SD 1.5 config variant, 1/2/10 steps)."""
+    if names == "all":
+        names = list(ours_mod.SCHEDULERS)
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ours_mod.SCHEDULERS]
+    if unknown:
+        raise ValueError(f"unknown scheduler {unknown[0]!r}; known: {', '.join(ours_mod.SCHEDULERS)}")
+    steps = tuple(steps)
+    rows: list[dict] = []
+    for name in names:
+        for variant in variants_for(name):
+            t0 = time.perf_counter()
+            vrows = check_variant(variant, steps, unet)
+            rows.extend(vrows)
+            if progress is not None:
+                bad = sum(1 for r in vrows if not r["passed"])
+                progress(f"{variant.label}: {len(vrows)} rows, {bad} failed, {time.perf_counter() - t0:.2f}s")
+    return rows
+
+
+def worst_by_scheduler(rows: list[dict]) -> dict[str, dict]:
+    """{registry name: {"max_abs": worst, "rows": n, "failed": n}} over rows with a measured max_abs."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        name = r["scheduler"].split("[", 1)[0]
+        d = out.setdefault(name, {"max_abs": 0.0, "rows": 0, "failed": 0, "skipped": 0})
+        d["rows"] += 1
+        d["failed"] += 0 if r["passed"] else 1
+        d["skipped"] += 1 if r["note"].startswith("skipped") else 0
+        if r["max_abs"] is not None and r["max_abs"] == r["max_abs"]:
+            d["max_abs"] = max(d["max_abs"], r["max_abs"])
+    return out
+
+
+if __name__ == "__main__":  # python -m parity.scheduler_check [names]
+    import sys
+    t0 = time.perf_counter()
+    rows = run_scheduler_checks(sys.argv[1] if len(sys.argv) > 1 else "all", progress=print)
+    for r in rows:
+        if not r["passed"] or r["note"]:
+            print("FAIL" if not r["passed"] else "note", r["scheduler"], r["step"], r["tensor"], r["max_abs"], r["note"])
+    for name, d in worst_by_scheduler(rows).items():
+        print(f"{name:16s} worst max_abs {d['max_abs']:.3g}  rows {d['rows']}  failed {d['failed']}  skipped {d['skipped']}")
+    print(f"{len(rows)} rows, {sum(not r['passed'] for r in rows)} failed, {time.perf_counter() - t0:.1f}s")
