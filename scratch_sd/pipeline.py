@@ -1,0 +1,540 @@
+"""Stable Diffusion 1.x text-to-image and image-to-image, from scratch.
+
+    pipe = ScratchPipeline.from_pretrained("path/to/sd15")          # a local diffusers folder
+    image = pipe("a red fox in the snow", num_inference_steps=25,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe("a red fox, oil painting", image=image, strength=0.6).images[0]   # img2img
+
+One call, step by step, op for op as diffusers' StableDiffusionPipeline and
+StableDiffusionImg2ImgPipeline (so that the same weights and seed give the same pixels):
+
+1. encode the prompts: tokenize (pad/truncate to 77), CLIP text encoder; each prompt's
+   embedding repeated num_images_per_prompt times ([p0, p0, p1, p1]); with guidance the
+   negative prompts ("" by default) the same way, batched as [uncond, cond];
+2. timesteps: scheduler.set_timesteps(n); img2img keeps the last int(n * strength);
+3. latents: txt2img draws N(0, 1) noise (on the CPU with a CPU generator, one batch element
+   per generator for a list, as diffusers' randn_tensor) times init_noise_sigma; img2img
+   encodes the image, samples the posterior with the generator, scales by scaling_factor,
+   then draws the noise and calls scheduler.add_noise at the first kept timestep;
+4. denoise: per timestep, scale_model_input, one UNet call on the doubled batch, guidance
+   uncond + g * (cond - uncond) (only when g > 1, Ho & Salimans 2022), scheduler.step with
+   eta and generator where the scheduler's step takes them;
+5. decode: latents / scaling_factor -> VAE decoder -> (x * 0.5 + 0.5).clamp(0, 1) -> pt / np / PIL.
+
+Pure torch + numpy + PIL. The tokenizer (a transformers CLIPTokenizer, or anything with the
+same call) is passed in: it is the one piece this package does not implement.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import nn
+
+from scratch_sd.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+
+Tensor = torch.Tensor
+
+# The schedulers a Stable Diffusion pipeline runs (sde_ve is a score-SDE sampler with its own loop).
+PIPELINE_SCHEDULERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "lms")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class PromptTruncated(UserWarning):
+    """A prompt was longer than the text encoder's 77 tokens; the message names the dropped text."""
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, (B, H, W, 3) float32 array, (B, 3, H, W) tensor, or latents
+    latents: Tensor  # the final (scaled) latents, before decoding
+
+
+# --------------------------------------------------------------------------- noise
+def randn_tensor(shape: Sequence[int], generator=None, device=None, dtype=None) -> Tensor:
+    """N(0, 1) as diffusers' `randn_tensor`: a CPU generator draws on the CPU, then the tensor moves
+    (so every device sees the same numbers); a list of generators draws one batch element each."""
+    device = torch.device(device or "cpu")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    rand_device = device
+    if first is not None and first.device.type != device.type:
+        if first.device.type != "cpu":
+            raise ValueError(f"cannot draw a {device} tensor from a {first.device.type} generator")
+        rand_device = torch.device("cpu")
+    if isinstance(generator, (list, tuple)):
+        one = (1, *shape[1:])
+        return torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+# --------------------------------------------------------------------------- images
+def load_image(path: str | Path) -> PIL.Image.Image:
+    """An image file as RGB (FileNotFoundError if missing, ValueError if not an image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such init image", str(path))
+    try:
+        with PIL.Image.open(path) as im:
+            return im.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read as an image ({exc})") from None
+
+
+def check_size(height: int, width: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {v!r}")
+    if height % 8 or width % 8:
+        raise ValueError(f"`height` and `width` have to be divisible by 8 but are {height} and {width}.")
+
+
+def preprocess_image(image, height: int | None = None, width: int | None = None, multiple: int = 8) -> Tensor:
+    """Init image(s) -> (B, 3, H, W) float32 in [-1, 1], as diffusers' VaeImageProcessor.preprocess.
+
+    PIL images (one or a list) are resized with Lanczos to (height, width), by default the first
+    image's size rounded down to a multiple of `multiple`; numpy (H, W, 3) / (B, H, W, 3) and torch
+    (3, H, W) / (B, 3, H, W) images in [0, 1] are resized (nearest) only when the size changes.
+    """
+    images = image if isinstance(image, list) else [image]
+    if not images:
+        raise ValueError("`image` is an empty list")
+    if all(isinstance(i, PIL.Image.Image) for i in images):
+        h, w = _default_size(images[0].height, images[0].width, height, width, multiple)
+        images = [i if i.mode == "RGB" else i.convert("RGB") for i in images]
+        images = [i.resize((w, h), resample=PIL.Image.Resampling.LANCZOS, reducing_gap=None) for i in images]
+        x = np.stack([np.array(i).astype(np.float32) / 255.0 for i in images], axis=0)
+        x = torch.from_numpy(x.transpose(0, 3, 1, 2))  # (B, 3, H, W)
+    elif all(isinstance(i, np.ndarray) for i in images):
+        x = np.concatenate(images, axis=0) if images[0].ndim == 4 else np.stack(images, axis=0)
+        x = torch.from_numpy(x.transpose(0, 3, 1, 2))  # (B, 3, H, W)
+        x = _resize_tensor(x, height, width, multiple)
+    elif all(isinstance(i, torch.Tensor) for i in images):
+        x = torch.cat(images, dim=0) if images[0].ndim == 4 else torch.stack(images, dim=0)
+        x = _resize_tensor(x, height, width, multiple)
+    else:
+        raise ValueError(f"`image` must be PIL images, numpy arrays or tensors, got {type(images[0]).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"init image must have 3 channels, got shape {tuple(x.shape)}")
+    if x.min() < 0:  # already in [-1, 1] (diffusers' deprecated convention): do not normalise again
+        warnings.warn("init image tensor has values below 0; taken as already in [-1, 1]", stacklevel=3)
+        return x
+    return 2.0 * x - 1.0
+
+
+def _default_size(h: int, w: int, height, width, multiple: int) -> tuple[int, int]:
+    height = h if height is None else height
+    width = w if width is None else width
+    height, width = height - height % multiple, width - width % multiple
+    if height <= 0 or width <= 0:
+        raise ValueError(f"init image of {w}x{h} pixels is smaller than {multiple}x{multiple}")
+    return height, width
+
+
+def _resize_tensor(x: Tensor, height, width, multiple: int) -> Tensor:
+    h, w = _default_size(x.shape[2], x.shape[3], height, width, multiple)
+    return nn.functional.interpolate(x, size=(h, w)) if (h, w) != tuple(x.shape[2:]) else x
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(B, H, W, 3) floats in [0, 1] -> PIL images (rounded, as diffusers)."""
+    images = (images * 255).round().astype("uint8")
+    return [PIL.Image.fromarray(i) for i in images]
+
+
+def postprocess(image: Tensor, output_type: str):
+    """Decoder output in [-1, 1] -> [0, 1] as a tensor, a numpy array or PIL images."""
+    image = (image * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    image = image.cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+    return image if output_type == "np" else numpy_to_pil(image)
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """A one-line progress bar on stderr (no dependency); `enabled=False` prints nothing."""
+
+    def __init__(self, total: int, enabled: bool = True, label: str = "denoising"):
+        self.total, self.enabled, self.label, self.n, self.start = total, enabled, label, 0, time.perf_counter()
+
+    def update(self) -> None:
+        self.n += 1
+        if self.enabled:
+            rate = self.n / max(time.perf_counter() - self.start, 1e-9)
+            bar = "#" * (20 * self.n // max(self.total, 1))
+            end = "\n" if self.n >= self.total else ""
+            print(f"\r{self.label} [{bar:<20}] {self.n}/{self.total} {rate:.2f} it/s", end=end, file=sys.stderr,
+                  flush=True)
+
+
+# --------------------------------------------------------------------------- schedulers
+def make_scheduler(name: str, config: dict | None = None):
+    """A scratch scheduler by name from a diffusers scheduler config (SD 1.5's by default)."""
+    from scratch_sd import schedulers
+
+    if name not in PIPELINE_SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(PIPELINE_SCHEDULERS)}")
+    return schedulers.get_scheduler(name, config if config is not None else schedulers.SD15_SCHEDULER_CONFIG)
+
+
+def _scheduler_name(class_name: str) -> str:
+    from scratch_sd.schedulers import DIFFUSERS_CLASS_NAMES
+
+    names = {v: k for k, v in DIFFUSERS_CLASS_NAMES.items() if k in PIPELINE_SCHEDULERS}
+    if class_name not in names:
+        raise ValueError(f"scheduler class {class_name!r} is not supported; known: {', '.join(sorted(names))}")
+    return names[class_name]
+
+
+def sd_scheduler_fixes(scheduler):
+    """What StableDiffusionPipeline.__init__ does to an outdated scheduler config: steps_offset
+    becomes 1 and clip_sample becomes False, with a warning. Returns the (new) scheduler."""
+    fixes = {}
+    if scheduler.config.get("steps_offset", 1) != 1:
+        fixes["steps_offset"] = 1
+    if scheduler.config.get("clip_sample", False) is True:
+        fixes["clip_sample"] = False
+    if not fixes:
+        return scheduler
+    warnings.warn(f"outdated scheduler config: setting {fixes} as diffusers' StableDiffusionPipeline does",
+                  stacklevel=3)
+    return type(scheduler).from_config({**scheduler.config, **fixes})
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+# --------------------------------------------------------------------------- pipeline
+class ScratchPipeline:
+    def __init__(self, text_encoder: nn.Module, vae: nn.Module, unet: nn.Module, tokenizer, scheduler,
+                 cfg: SDConfig):
+        self.text_encoder, self.vae, self.unet = text_encoder, vae, unet
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.scheduler = sd_scheduler_fixes(scheduler)
+        self.vae_scale_factor = cfg.vae.downsample_factor
+
+    # ---- construction
+    @classmethod
+    def from_preset(cls, name: str = "tiny", scheduler: str = "pndm", seed: int = 0) -> "ScratchPipeline":
+        """A preset (tiny | sd15) with the harness's seeded random weights, the SAME weights as
+        parity.zoo's reference components (so diffusers on those gives the same images).
+
+        The seeded weights are defined by the reference zoo, so this delegates to the parity
+        harness (parity.generate), which builds them and converts them through our key tables.
+        """
+        from parity.generate import scratch_pipeline_from_preset  # the harness owns the seeded weights
+
+        return scratch_pipeline_from_preset(name, scheduler=scheduler, seed=seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, scheduler: str | None = None, tokenizer=None,
+                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        variant: str | None = None) -> "ScratchPipeline":
+        """A local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+
+        Configs are read with json and mapped with *Config.from_reference; weights (safetensors
+        or .bin, sharded or not, the fp16 variant when it is the only one or `variant="fp16"`) go
+        through the key tables and load strictly. `scheduler` overrides the folder's class by name.
+        The tokenizer defaults to transformers' CLIPTokenizer over `tokenizer/` (offline).
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(2, "No such model folder", str(root))
+        cfg = load_sd_config(root)
+        nets = {name: load_network(root, name, cfg, variant).to(device=device, dtype=dtype)
+                for name in ("text_encoder", "vae", "unet")}
+        sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
+        name = scheduler or _scheduler_name(sched_cfg.get("_class_name", "PNDMScheduler"))
+        if tokenizer is None:
+            from parity.zoo import folder_tokenizer  # transformers' CLIPTokenizer, at the harness edge
+
+            tokenizer = folder_tokenizer(root)
+        return cls(nets["text_encoder"], nets["vae"], nets["unet"], tokenizer, make_scheduler(name, sched_cfg), cfg)
+
+    def set_scheduler(self, name: str, config: dict | None = None) -> "ScratchPipeline":
+        """Swap the scheduler by name, keeping the current one's config (as `X.from_config(old.config)`)."""
+        self.scheduler = sd_scheduler_fixes(make_scheduler(name, dict(config or self.scheduler.config)))
+        return self
+
+    def to(self, device=None, dtype=None) -> "ScratchPipeline":
+        for net in (self.text_encoder, self.vae, self.unet):
+            net.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # ---- 1. prompts
+    def _tokenize(self, prompts: list[str], max_length: int) -> Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        for prompt in prompts:
+            full = self.tokenizer(prompt, truncation=False).input_ids
+            if len(full) > max_length:  # keep bos + 75 tokens + eos; name what was dropped
+                dropped = self.tokenizer.decode(full[max_length - 1:-1])
+                warnings.warn("The following part of your input was truncated because CLIP can only handle "
+                              f"sequences up to {max_length} tokens: {dropped!r}", PromptTruncated, stacklevel=4)
+        return ids
+
+    def _embed(self, prompts: list[str], num_images_per_prompt: int, max_length: int) -> Tensor:
+        ids = self._tokenize(prompts, max_length)
+        emb = self.text_encoder(ids.to(self.device))
+        emb = emb.to(dtype=next(self.text_encoder.parameters()).dtype, device=self.device)
+        b, t, _ = emb.shape
+        return emb.repeat(1, num_images_per_prompt, 1).view(b * num_images_per_prompt, t, -1)  # [p0, p0, p1, p1]
+
+    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int, guidance: bool,
+                      negative_prompts: list[str] | None) -> tuple[Tensor, Tensor | None]:
+        """(cond, uncond): (B * n, 77, width) each; uncond is None without guidance."""
+        cond = self._embed(prompts, num_images_per_prompt, self.tokenizer.model_max_length)
+        if not guidance:
+            return cond, None
+        negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
+        return cond, self._embed(negative, num_images_per_prompt, cond.shape[1])
+
+    # ---- 2. timesteps (img2img)
+    def img2img_timesteps(self, num_inference_steps: int, strength: float) -> tuple[Tensor, int]:
+        """The last int(n * strength) steps of the schedule (diffusers' get_timesteps); the scheduler is
+        told where it starts (`set_begin_index`), so add_noise and the first step use that sigma."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        order = getattr(self.scheduler, "order", 1)
+        timesteps = self.scheduler.timesteps[t_start * order:]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start * order)
+        return timesteps, num_inference_steps - t_start
+
+    # ---- 3. latents
+    def prepare_latents(self, batch: int, height: int, width: int, dtype, generator, latents: Tensor | None) -> Tensor:
+        shape = (batch, self.cfg.unet.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator, self.device, dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
+        else:
+            latents = latents.to(self.device)
+        return latents * self.scheduler.init_noise_sigma
+
+    def prepare_img2img_latents(self, image: Tensor, timestep: Tensor, batch: int, dtype, generator) -> Tensor:
+        """Encode, sample the posterior, scale; then noise to `timestep` (diffusers' order of draws)."""
+        image = image.to(device=self.device, dtype=dtype)
+        if isinstance(generator, list):  # one image (and one generator) per batch element
+            if image.shape[0] < batch:
+                if batch % image.shape[0]:
+                    raise ValueError(f"Cannot duplicate `image` of batch size {image.shape[0]} to effective "
+                                     f"batch_size {batch}")
+                image = torch.cat([image] * (batch // image.shape[0]), dim=0)
+            init = torch.cat([self.vae.encode(image[i:i + 1]).sample(generator[i]) for i in range(batch)])
+        else:
+            init = self.vae.encode(image).sample(generator)
+        init = self.cfg.vae.scaling_factor * init
+        if batch > init.shape[0]:
+            if batch % init.shape[0]:
+                raise ValueError(f"Cannot duplicate `image` of batch size {init.shape[0]} to {batch} text prompts.")
+            init = torch.cat([init] * (batch // init.shape[0]), dim=0)  # [i0, i1, i0, i1]: diffusers' order
+        elif batch < init.shape[0]:
+            raise ValueError(f"{init.shape[0]} init images for a batch of {batch} (prompts x images per prompt)")
+        noise = randn_tensor(init.shape, generator, self.device, dtype)
+        return self.scheduler.add_noise(init, noise, timestep)
+
+    # ---- 4. denoising
+    def denoise(self, latents: Tensor, timesteps: Tensor, num_steps: int, context: Tensor, guidance_scale: float,
+                guidance: bool, step_kwargs: dict, progress: bool, callback: Callable | None) -> Tensor:
+        order = getattr(self.scheduler, "order", 1)
+        warmup = len(timesteps) - num_steps * order
+        bar = Progress(num_steps, progress)
+        for i, t in enumerate(timesteps):
+            x = torch.cat([latents] * 2) if guidance else latents
+            x = self.scheduler.scale_model_input(x, t)
+            noise_pred = self.unet(x, t, context)
+            if guidance:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if callback is not None:
+                callback(i, t, latents, noise_pred)
+            if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
+                bar.update()
+        return latents
+
+    # ---- 5. decoding
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents / self.cfg.vae.scaling_factor)
+
+    # ---- the call
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, image=None,
+                 strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: Tensor | None = None,
+                 eta: float = 0.0, output_type: str = "pil", progress: bool = True,
+                 callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> PipelineOutput:
+        """txt2img, or img2img when `image` is given. `callback(step_index, t, latents, noise_pred)`
+        runs after every scheduler step (latents after the step, noise_pred after guidance)."""
+        prompts, negatives = check_prompts(prompt, negative_prompt)
+        batch = _check_count(num_images_per_prompt) * len(prompts)
+        _check_call(output_type, guidance_scale, eta, generator, batch)
+        guidance = guidance_scale > 1  # Imagen's w: 1 (or less) means no classifier-free guidance
+        if image is None:
+            if height is None or width is None:
+                size = self.cfg.unet.sample_size * self.vae_scale_factor
+                height, width = height or size, width or size
+            check_size(height, width)
+        else:
+            check_strength(strength, num_inference_steps)
+            if latents is not None:
+                raise ValueError("`latents` is for txt2img; img2img starts from the init image's latents")
+            if height is not None or width is not None:
+                check_size(height or 8, width or 8)
+
+        cond, uncond = self.encode_prompt(prompts, num_images_per_prompt, guidance, negatives)
+        context = torch.cat([uncond, cond]) if guidance else cond
+        if image is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            timesteps, num_steps = self.scheduler.timesteps, num_inference_steps
+            latents = self.prepare_latents(batch, height, width, context.dtype, generator, latents)
+        else:
+            pixels = preprocess_image(image, height, width, self.vae_scale_factor)
+            timesteps, num_steps = self.img2img_timesteps(num_inference_steps, strength)
+            latents = self.prepare_img2img_latents(pixels, timesteps[:1].repeat(batch), batch, context.dtype,
+                                                   generator)
+        step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if _accepts(self.scheduler.step, k)}
+        latents = self.denoise(latents, timesteps, num_steps, context, guidance_scale, guidance, step_kwargs,
+                               progress, callback)
+        if output_type == "latent":
+            return PipelineOutput(latents, latents)
+        return PipelineOutput(postprocess(self.decode(latents), output_type), latents)
+
+
+# --------------------------------------------------------------------------- input checks
+def check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str] | None]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}")
+    if negative_prompt is None:
+        return prompts, None
+    # A single negative prompt applies to every prompt (diffusers requires str with str, list with list).
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
+        raise ValueError(f"`negative_prompt` must be a string or a list of strings, got {negative_prompt!r}")
+    if len(negatives) != len(prompts):
+        raise ValueError(f"`negative_prompt` has {len(negatives)} entries but `prompt` has {len(prompts)}; "
+                         "give one negative prompt per prompt (or a single string for all)")
+    return prompts, negatives
+
+
+def _check_count(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _check_call(output_type: str, guidance_scale, eta, generator, batch: int) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta:
+        raise ValueError(f"`eta` must be a number >= 0, got {eta!r}")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"You have passed a list of generators of length {len(generator)}, but requested an "
+                         f"effective batch size of {batch}. Make sure the batch size matches the length of the "
+                         "generators.")
+
+
+def check_strength(strength, num_inference_steps) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"`strength` must be in (0, 1], got {strength!r}")
+    if isinstance(num_inference_steps, int) and int(num_inference_steps * strength) < 1:
+        raise ValueError(f"`strength` {strength} x {num_inference_steps} steps leaves no denoising step; "
+                         "raise the strength or the steps")
+
+
+# --------------------------------------------------------------------------- local diffusers folders
+WEIGHT_NAMES = {  # component -> file stem of its weights (diffusers models / transformers models)
+    "text_encoder": "model", "vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model",
+}
+BIN_NAMES = {"text_encoder": "pytorch_model", "vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such config file", str(path))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+
+
+def load_sd_config(root: Path) -> SDConfig:
+    text = CLIPTextConfig.from_reference(_read_json(root / "text_encoder" / "config.json"))
+    vae = VAEConfig.from_reference(_read_json(root / "vae" / "config.json"))
+    unet = UNetConfig.from_reference(_read_json(root / "unet" / "config.json"))
+    return SDConfig(name=root.name, text=text, vae=vae, unet=unet, image_size=unet.sample_size * vae.downsample_factor)
+
+
+def weight_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of one component folder: safetensors before .bin, the plain file before
+    the `variant` (e.g. fp16) one unless a variant is asked for; sharded files via their index."""
+    stems = [WEIGHT_NAMES[component], BIN_NAMES[component]]
+    exts = (".safetensors", ".bin")
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        for stem, ext in zip(stems, exts):
+            name = f"{stem}.{v}{ext}" if v else f"{stem}{ext}"
+            if (folder / name).is_file():
+                return [folder / name]
+            index = folder / f"{name}.index.json"
+            if index.is_file():
+                shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+                return [folder / s for s in shards]
+    raise FileNotFoundError(2, f"No {component} weights (expected {stems[0]}{'.' + variant if variant else ''}"
+                               ".safetensors or .bin)", str(folder))
+
+
+def load_network(root: Path, component: str, cfg: SDConfig, variant: str | None = None) -> nn.Module:
+    """One scratch network with a diffusers folder's weights, converted and loaded strictly."""
+    from scratch_sd import io
+    from scratch_sd.convert import clip, unet, vae
+    from scratch_sd.convert.common import load_strict
+
+    state: dict[str, Tensor] = {}
+    for f in weight_files(root / component, component, variant):
+        state.update(io.load_state_dict(f))
+    converter, sub = {"text_encoder": (clip, cfg.text), "vae": (vae, cfg.vae), "unet": (unet, cfg.unet)}[component]
+    with torch.device("meta"):
+        model = build_network(component, cfg)
+    model = model.to_empty(device="cpu")
+    load_strict(model, converter.from_diffusers(state, sub))
+    for m in model.modules():  # non-persistent buffers are lost by to_empty()
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
+    return model.eval()
+
+
+def build_network(component: str, cfg: SDConfig) -> nn.Module:
+    from scratch_sd.clip import CLIPTextModel
+    from scratch_sd.unet import UNet
+    from scratch_sd.vae import AutoencoderKL
+
+    return {"text_encoder": lambda: CLIPTextModel(cfg.text), "vae": lambda: AutoencoderKL(cfg.vae),
+            "unet": lambda: UNet(cfg.unet)}[component]()
+
+
+__all__ = ["ScratchPipeline", "PipelineOutput", "PromptTruncated", "PIPELINE_SCHEDULERS", "randn_tensor",
+           "preprocess_image", "postprocess", "load_image", "make_scheduler"]
