@@ -122,6 +122,11 @@ def parse_options(args) -> Options:
     if args.num_seeds < 1:
         raise UsageError(f"--num-seeds must be >= 1 (got {args.num_seeds})")
     modes = _csv(args.modes, ("txt2img", "img2img"), "modes")
+    from parity.trace import STRENGTH
+
+    if "img2img" in modes and int(steps * STRENGTH) < 1:
+        raise UsageError(f"--steps {steps} leaves img2img (strength {STRENGTH}) no denoising step; "
+                         "use --steps >= 2 or --modes txt2img")
     table = Table.load(args.tolerances)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("check-%Y%m%d-%H%M%S")
     return Options(args.preset, args.model, components, dtypes, args.device, schedulers, steps, size, args.seed,

@@ -88,4 +88,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m parity.cli`: run the imported module's main, so that the UsageError the
+    # subcommands import is the same class as the one caught here (not __main__'s copy).
+    from parity.cli import main as _main
+
+    sys.exit(_main())

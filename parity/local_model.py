@@ -105,6 +105,7 @@ def _quiet():
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
 
 
@@ -113,7 +114,7 @@ def reference_from_folder(root: Path, name: str, variant: str | None = None):
     from transformers import CLIPTextModel
 
     files = loading.weight_files(root / name, name, variant)
-    v = next((p for p in ("fp16", variant) if p and f".{p}." in files[0].name), None)
+    v = next((p for p in (variant, "fp16") if p and any(f".{p}{c}" in files[0].name for c in ".-")), None)
     kw = dict(local_files_only=True, torch_dtype=torch.float32, variant=v)
     if name == "text_encoder":
         return CLIPTextModel.from_pretrained(str(root / name), attn_implementation="sdpa", **kw).eval()

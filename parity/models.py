@@ -9,59 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from scratch_sd import loading
 from scratch_sd.config import SDConfig, preset
-from scratch_sd.convert.common import load_strict
+from scratch_sd.loading import converter, sub_config  # noqa: F401 (re-exported for the harness)
 
 NETWORKS = ("text_encoder", "vae", "unet")
 
 
-def scratch_network(name: str, cfg: SDConfig) -> nn.Module:
-    """An empty (random) scratch network of the given component."""
-    if name == "text_encoder":
-        from scratch_sd.clip import CLIPTextModel
-
-        return CLIPTextModel(cfg.text)
-    if name == "vae":
-        from scratch_sd.vae import AutoencoderKL
-
-        return AutoencoderKL(cfg.vae)
-    if name == "unet":
-        from scratch_sd.unet import UNet
-
-        return UNet(cfg.unet)
-    raise ValueError(f"unknown network {name!r}; known: {', '.join(NETWORKS)}")
-
-
-def converter(name: str):
-    from scratch_sd.convert import clip, unet, vae
-
-    return {"text_encoder": clip, "vae": vae, "unet": unet}[name]
-
-
-def sub_config(name: str, cfg: SDConfig):
-    return {"text_encoder": cfg.text, "vae": cfg.vae, "unet": cfg.unet}[name]
-
-
-@torch.no_grad()
 def scratch_from_reference(name: str, reference: nn.Module, cfg: SDConfig) -> nn.Module:
-    """Build the scratch network and load the reference's weights through the key table (strict)."""
-    with torch.device("meta"):
-        model = scratch_network(name, cfg)
-    model = model.to_empty(device="cpu")
+    """The scratch network holding the reference's weights, converted by the key table (strict)."""
     state = converter(name).from_diffusers(reference.state_dict(), sub_config(name, cfg))
-    load_strict(model, state)
-    _init_buffers(model)
-    return model.eval()
-
-
-def _init_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers are lost by to_empty(); modules rebuild them via reset_buffers()."""
-    for m in model.modules():
-        if hasattr(m, "reset_buffers"):
-            m.reset_buffers()
+    return loading.network(name, cfg, state)
 
 
 @dataclass
@@ -89,14 +49,15 @@ class Models:
 
 
 def build_models(preset_name: str = "tiny", model: str | Path | None = None, components=NETWORKS,
-                 seed: int = 0) -> Models:
-    """Reference + scratch for each network: from a preset (seeded) or a local model."""
+                 seed: int = 0, **local) -> Models:
+    """Reference + scratch for each network: from a preset (seeded) or a local model
+    (`local`: ema, tokenizer, variant — see parity.local_model.build_models)."""
     from parity import zoo
 
     if model is not None:
         from parity import local_model
 
-        return local_model.build_models(model, components)
+        return local_model.build_models(model, components, **local)
     cfg = preset(preset_name)
     refs = zoo.reference_components(cfg, seed, components)
     pairs = {n: Pair(n, refs[n], scratch_from_reference(n, refs[n], cfg)) for n in components}

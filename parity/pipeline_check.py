@@ -8,7 +8,7 @@ import copy
 import torch
 
 from parity.tolerances import DTYPES
-from parity.trace import NEGATIVE, PROMPTS, init_image
+from parity.trace import NEGATIVE, PROMPTS, STRENGTH, init_image
 
 
 def scratch_trace(models, scheduler_name: str, mode: str, dtype: str, opts) -> tuple[list, torch.Tensor]:
@@ -25,7 +25,7 @@ def scratch_trace(models, scheduler_name: str, mode: str, dtype: str, opts) -> t
     if mode == "txt2img":
         kwargs.update(height=opts.size, width=opts.size)
     else:
-        kwargs.update(image=init_image(opts.size, len(PROMPTS)), strength=0.75)
+        kwargs.update(image=init_image(opts.size, len(PROMPTS)), strength=STRENGTH)
     image = pipe(**kwargs).images
     return latents, image.permute(0, 2, 3, 1).float().cpu()
 

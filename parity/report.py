@@ -49,18 +49,21 @@ def failure_line(r: dict) -> str:
     return f"FAIL {where}: {nums}; {r['reason']}"
 
 
+def _finite(r: dict, k: str) -> bool:
+    return isinstance(r[k], float) and math.isfinite(r[k])
+
+
 def _worst(rows: list[dict]) -> dict:
+    """Worst numbers over compared rows with finite metrics (non-finite rows are listed apart)."""
     comp = [r for r in rows if r["status"] == "compared"]
-    def num(r, k):
-        v = r[k]
-        return v if isinstance(v, float) and not math.isnan(v) else math.inf if k != "psnr_db" else -math.inf
+    fin = [r for r in comp if _finite(r, "max_abs")]
     return {
         "n": len(comp),
         "failed": sum(not r["passed"] for r in comp),
-        "max_abs": max((num(r, "max_abs") for r in comp), default=math.nan),
-        "rel_l2": max((num(r, "rel_l2") for r in comp), default=math.nan),
-        "psnr_db": min((num(r, "psnr_db") for r in comp if r["tensor"] not in ("timesteps", "sigmas")),
-                       default=math.nan),
+        "max_abs": max((r["max_abs"] for r in fin), default=math.nan),
+        "rel_l2": max((r["rel_l2"] for r in fin if _finite(r, "rel_l2")), default=math.nan),
+        "psnr_db": min((r["psnr_db"] for r in fin if r["tensor"] not in ("timesteps", "sigmas")
+                        and _finite(r, "psnr_db")), default=math.nan),
         "ratio": max((r["error_ratio"] for r in comp if isinstance(r.get("error_ratio"), float)), default=None),
     }
 
@@ -107,6 +110,10 @@ def summary_markdown(rec, opts, elapsed: float) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(f"- {r['component']} {r['dtype']}: {r['reason']}")
+    odd = [r for r in rows if r["status"] == "compared" and r["passed"] and not _finite(r, "max_abs")]
+    if odd:
+        lines += ["", "## Findings: non-finite in both implementations (equal where finite)", ""]
+        lines += [f"- {r['component']} {r['scheduler']} {r['tensor']} steps={r['step']}: {r['reason']}" for r in odd]
     failed = [r for r in rows if r["status"] == "compared" and not r["passed"]]
     lines += ["", f"## Failures ({len(failed)})", ""]
     lines += [f"- {failure_line(r)}" for r in failed[:100]] or ["none"]

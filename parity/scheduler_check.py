@@ -24,7 +24,7 @@ from scratch_sd import schedulers as ours_mod
 
 DEFAULT_STEPS = (1, 2, 10, 20, 50, 1000)
 LONG_STEPS = 1000  # the long loop runs only for variants marked `long`
-UNET_STEPS = (1, 2, 10)
+UNET_STEPS = (1, 2, 10, 50)
 LATENT_SHAPE = (1, 4, 8, 8)
 SEED = 0
 LATENT_ATOL = 1e-6
@@ -42,6 +42,7 @@ class Variant:
     step_kwargs: dict = field(default_factory=dict)
     model: str = "eps"  # "eps" | "learned" | "learned_range" (DDPM: model also predicts the variance)
     long: bool = False  # also run the 1000-step loop
+    unet: bool = False  # also run the loop with the real UNet, when one is given (the SD 1.5 config variant)
 
 
 def model_fn(sample: torch.Tensor, t: Any) -> torch.Tensor:
@@ -54,6 +55,25 @@ def score_fn(sample: torch.Tensor, sigma: Any) -> torch.Tensor:
     """Stand-in for a VE score model: about -x / (sigma^2 + 1), plus a smooth perturbation."""
     s = float(sigma.flatten()[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
     return -sample / (s * s + 1.0) + 0.01 * torch.sin(sample)
+
+
+def tiny_unet_fn(seed: int = 0) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A tiny random-weight diffusers UNet2DConditionModel as `(sample, t) -> eps`, with fixed text states.
+
+    Small enough for 1000-step loops on a CPU; used for the "latents_unet" rows."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8,
+                                norm_num_groups=8).eval()
+    text = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(seed + 1))
+
+    @torch.no_grad()
+    def fn(sample: torch.Tensor, t: Any) -> torch.Tensor:
+        return unet(sample, t, encoder_hidden_states=text.expand(sample.shape[0], -1, -1)).sample
+
+    return fn
 
 
 def _with_variance(eps: torch.Tensor, kind: str) -> torch.Tensor:
@@ -77,8 +97,9 @@ def variants_for(name: str) -> list[Variant]:
     keys = set(cls.config_keys())
     out: list[Variant] = []
 
-    def add(parts: dict, config: dict, step_kwargs: dict | None = None, model: str = "eps", long: bool = False):
-        out.append(Variant(name, _label(name, parts), config, step_kwargs or {}, model, long))
+    def add(parts: dict, config: dict, step_kwargs: dict | None = None, model: str = "eps", long: bool = False,
+            unet: bool = False):
+        out.append(Variant(name, _label(name, parts), config, step_kwargs or {}, model, long, unet))
 
     if name == "sde_ve":
         add({"config": "default"}, {}, long=True)
@@ -92,7 +113,7 @@ def variants_for(name: str) -> list[Variant]:
     preds = [p for p in preds if p != "original_sample"]
     eta = {"eta": 0.0} if name == "ddim" else {}
     # 1. SD 1.5 itself (its scheduler_config.json), with the 1000-step loop
-    add({"config": "sd15", **eta}, dict(SD15), {"eta": 0.0} if eta else {}, long=True)
+    add({"config": "sd15", **eta}, dict(SD15), {"eta": 0.0} if eta else {}, long=True, unet=True)
     # 2. every spacing x every prediction type
     for spacing in ("leading", "linspace", "trailing"):
         for pred in preds:
@@ -118,6 +139,8 @@ def variants_for(name: str) -> list[Variant]:
         for vt in ("fixed_small_log", "fixed_large", "learned", "learned_range"):
             add({"variance": vt}, {**SD15, "variance_type": vt}, model=vt if vt.startswith("learned") else "eps")
         add({"clip_sample": True, "range": 1.5}, {**SD15, "clip_sample": True, "clip_sample_range": 1.5})
+        for beta in ("sigmoid", "laplace"):  # schedules only DDPMScheduler has
+            add({"beta": beta}, {**SD15, "beta_schedule": beta})
     elif name == "ddim":
         for e in (0.5, 1.0):
             add({"eta": e}, dict(SD15), {"eta": e})
@@ -163,6 +186,18 @@ def variants_for(name: str) -> list[Variant]:
 
 
 # ------------------------------------------------------------------------------------------ the two sides
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run with one intra-op thread, then restore: these tensors are tiny, and on a busy 2-core machine a
+    second thread costs ~25x per UNet call in synchronisation instead of saving anything."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
@@ -330,7 +365,7 @@ def check_variant(variant: Variant, steps: Iterable[int] = DEFAULT_STEPS, unet: 
         rows.append(_exception_row(variant.label, n, "add_noise", re, oe, LATENT_ATOL) if (re or oe)
                     else _row(variant.label, n, "add_noise", r, o, LATENT_ATOL))
         # (c) the loop with a real UNet
-        if unet is not None and n in UNET_STEPS and variant.name != "sde_ve" and variant.label.endswith("[config=sd15]"):
+        if unet is not None and n in UNET_STEPS and variant.unet:
             ref, ours = make_pair(variant)
             with _quiet_diffusers(), torch.no_grad():
                 r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), unet),
@@ -343,7 +378,7 @@ def check_variant(variant: Variant, steps: Iterable[int] = DEFAULT_STEPS, unet: 
 def run_scheduler_checks(names: list[str] | str = "all", steps: Iterable[int] = DEFAULT_STEPS,
                          unet: Callable | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """All rows for the named schedulers ("all" = every registry entry). `unet(sample, t) -> eps` adds
-    the "latents_unet" rows (SD 1.5 config variant, 1/2/10 steps)."""
+    the "latents_unet" rows (SD 1.5 config variant, 1/2/10/50 steps; not sde_ve, whose model is a score)."""
     if names == "all":
         names = list(ours_mod.SCHEDULERS)
     elif isinstance(names, str):
@@ -356,7 +391,8 @@ def run_scheduler_checks(names: list[str] | str = "all", steps: Iterable[int] = 
     for name in names:
         for variant in variants_for(name):
             t0 = time.perf_counter()
-            vrows = check_variant(variant, steps, unet)
+            with single_thread():
+                vrows = check_variant(variant, steps, unet)
             rows.extend(vrows)
             if progress is not None:
                 bad = sum(1 for r in vrows if not r["passed"])
@@ -378,10 +414,12 @@ def worst_by_scheduler(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-if __name__ == "__main__":  # python -m parity.scheduler_check [names]
+if __name__ == "__main__":  # python -m parity.scheduler_check [names|all] [--unet]
     import sys
     t0 = time.perf_counter()
-    rows = run_scheduler_checks(sys.argv[1] if len(sys.argv) > 1 else "all", progress=print)
+    args = [a for a in sys.argv[1:] if a != "--unet"]
+    unet = tiny_unet_fn() if "--unet" in sys.argv else None
+    rows = run_scheduler_checks(args[0] if args else "all", unet=unet, progress=print)
     for r in rows:
         if not r["passed"] or r["note"]:
             print("FAIL" if not r["passed"] else "note", r["scheduler"], r["step"], r["tensor"], r["max_abs"], r["note"])

@@ -10,6 +10,7 @@ import torch
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "a watercolor painting of a red fox in snow"]
 NEGATIVE = ["blurry, low quality", "monochrome"]
+STRENGTH = 0.75  # img2img strength of the traced runs
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _record_method(obj, name: str, sink: list, pick):
 
 
 def run_pipeline(components: dict, scheduler, mode: str, seed: int, steps: int, size: int,
-                 guidance_scale: float = 7.5, strength: float = 0.75, prompts=PROMPTS, negative=NEGATIVE,
+                 guidance_scale: float = 7.5, strength: float = STRENGTH, prompts=PROMPTS, negative=NEGATIVE,
                  device: str = "cpu") -> Trace:
     """One traced run. `components`: text_encoder, vae, unet (reference or adapters), tokenizer."""
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline

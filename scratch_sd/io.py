@@ -7,6 +7,7 @@ failure never leaves a half-written file behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -39,22 +40,55 @@ def _safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: corrupt safetensors header (length {n} for a {size}-byte file)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CheckpointError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a mapping)")
     data_len = size - 8 - n
     for key, info in header.items():
         if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a string mapping)")
             continue
-        if not isinstance(info, dict) or "dtype" not in info or "data_offsets" not in info or "shape" not in info:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}")
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']!r}")
-        start, end = info["data_offsets"]
-        if not (0 <= start <= end <= data_len):
-            raise CheckpointError(f"{path}: tensor {key!r} lies outside the file (truncated?)")
+        _check_entry(path, key, info, data_len)
     return header
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(path: Path, key: str, info, data_len: int) -> None:
+    """One tensor's header entry: known dtype, non-negative int shape, [start, end] inside the data
+    and exactly as long as the shape and dtype say."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r} "
+                              f"(known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {key!r} has invalid data_offsets {offsets!r}")
+    start, end = offsets
+    if not (0 <= start <= end <= data_len):
+        raise CheckpointError(f"{path}: tensor {key!r} lies outside the file (truncated?)")
+    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if math.prod(shape) * itemsize != end - start:
+        raise CheckpointError(f"{path}: tensor {key!r} of shape {shape} {dtype} does not fill its "
+                              f"{end - start} bytes")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` string mapping of a .safetensors file ({} for pickles or when absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "No such checkpoint file", str(path))
+    if path.suffix.lower() not in SAFETENSORS:
+        return {}
+    meta = _safetensors_header(path).get("__metadata__") or {}
+    return dict(meta)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -78,8 +112,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: refused or unreadable pickle ({_short(exc)})") from None
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"{path}: does not hold a flat mapping of tensors")
+        if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in obj.items()):
+            raise CheckpointError(f"{path}: does not hold a flat mapping of names to tensors")
         return dict(obj)
     raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors, .ckpt, .bin, .pt)")
 
@@ -87,6 +122,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return (text[:160] + "...") if len(text) > 160 else (text or type(exc).__name__)
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """chmod a file (0666) or folder (0777) minus the process umask, as open()/mkdir() would have."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
@@ -99,6 +141,8 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            set_default_mode(tmp)  # mkstemp makes the file 0600; the final file gets the usual umask mode
         os.replace(tmp, final)
     finally:
         if tmp.exists():

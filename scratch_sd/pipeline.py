@@ -27,7 +27,6 @@ same call) is passed in: it is the one piece this package does not implement.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import sys
 import time
@@ -41,7 +40,8 @@ import PIL.Image
 import torch
 from torch import nn
 
-from scratch_sd.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from scratch_sd.config import SDConfig
+from scratch_sd.loading import load_network, load_sd_config, read_json as _read_json
 
 Tensor = torch.Tensor
 
@@ -463,77 +463,6 @@ def check_strength(strength, num_inference_steps) -> None:
     if isinstance(num_inference_steps, int) and int(num_inference_steps * strength) < 1:
         raise ValueError(f"`strength` {strength} x {num_inference_steps} steps leaves no denoising step; "
                          "raise the strength or the steps")
-
-
-# --------------------------------------------------------------------------- local diffusers folders
-WEIGHT_NAMES = {  # component -> file stem of its weights (diffusers models / transformers models)
-    "text_encoder": "model", "vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model",
-}
-BIN_NAMES = {"text_encoder": "pytorch_model", "vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model"}
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(2, "No such config file", str(path))
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
-
-
-def load_sd_config(root: Path) -> SDConfig:
-    text = CLIPTextConfig.from_reference(_read_json(root / "text_encoder" / "config.json"))
-    vae = VAEConfig.from_reference(_read_json(root / "vae" / "config.json"))
-    unet = UNetConfig.from_reference(_read_json(root / "unet" / "config.json"))
-    return SDConfig(name=root.name, text=text, vae=vae, unet=unet, image_size=unet.sample_size * vae.downsample_factor)
-
-
-def weight_files(folder: Path, component: str, variant: str | None = None) -> list[Path]:
-    """The weight file(s) of one component folder: safetensors before .bin, the plain file before
-    the `variant` (e.g. fp16) one unless a variant is asked for; sharded files via their index."""
-    stems = [WEIGHT_NAMES[component], BIN_NAMES[component]]
-    exts = (".safetensors", ".bin")
-    variants = [variant] if variant else [None, "fp16"]
-    for v in variants:
-        for stem, ext in zip(stems, exts):
-            name = f"{stem}.{v}{ext}" if v else f"{stem}{ext}"
-            if (folder / name).is_file():
-                return [folder / name]
-            index = folder / f"{name}.index.json"
-            if index.is_file():
-                shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
-                return [folder / s for s in shards]
-    raise FileNotFoundError(2, f"No {component} weights (expected {stems[0]}{'.' + variant if variant else ''}"
-                               ".safetensors or .bin)", str(folder))
-
-
-def load_network(root: Path, component: str, cfg: SDConfig, variant: str | None = None) -> nn.Module:
-    """One scratch network with a diffusers folder's weights, converted and loaded strictly."""
-    from scratch_sd import io
-    from scratch_sd.convert import clip, unet, vae
-    from scratch_sd.convert.common import load_strict
-
-    state: dict[str, Tensor] = {}
-    for f in weight_files(root / component, component, variant):
-        state.update(io.load_state_dict(f))
-    converter, sub = {"text_encoder": (clip, cfg.text), "vae": (vae, cfg.vae), "unet": (unet, cfg.unet)}[component]
-    with torch.device("meta"):
-        model = build_network(component, cfg)
-    model = model.to_empty(device="cpu")
-    load_strict(model, converter.from_diffusers(state, sub))
-    for m in model.modules():  # non-persistent buffers are lost by to_empty()
-        if hasattr(m, "reset_buffers"):
-            m.reset_buffers()
-    return model.eval()
-
-
-def build_network(component: str, cfg: SDConfig) -> nn.Module:
-    from scratch_sd.clip import CLIPTextModel
-    from scratch_sd.unet import UNet
-    from scratch_sd.vae import AutoencoderKL
-
-    return {"text_encoder": lambda: CLIPTextModel(cfg.text), "vae": lambda: AutoencoderKL(cfg.vae),
-            "unet": lambda: UNet(cfg.unet)}[component]()
 
 
 __all__ = ["ScratchPipeline", "PipelineOutput", "PromptTruncated", "PIPELINE_SCHEDULERS", "randn_tensor",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from parity import cli
-from parity import models as parity_models
+from scratch_sd import loading
 
 FAST = ["--steps", "2", "--num-seeds", "1", "--no-plots", "--quiet"]
 
@@ -121,7 +121,7 @@ def test_no_false_alarm_over_ten_seeds(tmp_path):
 # --------------------------------------------------------------------------- sensitivity
 def _with_config(monkeypatch, component: str, **changes):
     """Build the scratch `component` from a config with `changes` (the injected bug)."""
-    original = parity_models.scratch_network
+    original = loading.build_network
 
     def patched(name, cfg):
         if name == component:
@@ -129,7 +129,7 @@ def _with_config(monkeypatch, component: str, **changes):
             cfg = dataclasses.replace(cfg, **{field: dataclasses.replace(getattr(cfg, field), **changes)})
         return original(name, cfg)
 
-    monkeypatch.setattr(parity_models, "scratch_network", patched)
+    monkeypatch.setattr(loading, "build_network", patched)
 
 
 def _attention_without_scale(q, k, v, heads, causal=False, mask=None):

@@ -17,8 +17,8 @@ import torch
 from parity import cli
 from parity.generate import MAX_ABS, MIN_PSNR_DB, diffusers_pipeline, scratch_pipeline
 from parity.metrics import compare
-from scratch_sd.pipeline import (PIPELINE_SCHEDULERS, PromptTruncated, ScratchPipeline, make_scheduler,
-                                 preprocess_image, weight_files)
+from scratch_sd.loading import weight_files
+from scratch_sd.pipeline import PIPELINE_SCHEDULERS, PromptTruncated, ScratchPipeline, make_scheduler, preprocess_image
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 STEPS = 4

@@ -1,0 +1,279 @@
+"""The thin class layer shared by every scheduler: a frozen config, config validation, outputs.
+
+A scheduler's `__init__` signature *is* its config: keys and defaults are diffusers' own, so
+`Ours.from_config(pipe.scheduler.config)` reads the same `scheduler_config.json` diffusers reads.
+`@configured` checks every value against the class's `CHECKS` before `__init__` runs, so a bad
+value fails at construction with the key and value named, not deep inside a sampling loop.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+# Config keys that belong to some diffusers scheduler a Stable Diffusion pipeline can load
+# (KarrasDiffusionSchedulers, LCM, TCD, EDM, flow matching, ScoreSdeVe). `from_config` skips them
+# when the class at hand has no such key, exactly as diffusers' `from_config` does; any other key
+# is a typo or a config for something else, and is an error.
+KNOWN_SCHEDULER_KEYS = frozenset({
+    "algorithm_type", "base_image_seq_len", "base_shift", "beta_end", "beta_schedule", "beta_start",
+    "clip_sample", "clip_sample_range", "correct_steps", "corrector_order", "disable_corrector",
+    "dynamic_thresholding_ratio", "eta", "euler_at_final", "final_sigmas_type", "flow_shift",
+    "interpolation_type", "invert_sigmas", "lambda_min_clipped", "lower_order_final", "max_image_seq_len",
+    "max_shift", "num_train_timesteps", "original_inference_steps", "predict_x0", "prediction_type",
+    "predictor_order", "rescale_betas_zero_snr", "rho", "s", "s_churn", "s_max", "s_min", "s_noise",
+    "sample_max_value", "sampling_eps", "scaler", "set_alpha_to_one", "shift", "shift_terminal",
+    "sigma_data", "sigma_max", "sigma_min", "sigma_schedule", "skip_prk_steps", "snr", "solver_order",
+    "solver_p", "solver_type", "steps_offset", "stochastic_sampling", "tau_func", "thresholding",
+    "time_shift_type", "timestep_scaling", "timestep_spacing", "timestep_type", "trained_betas",
+    "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas", "use_flow_sigmas",
+    "use_karras_sigmas", "use_lu_lambdas", "variance_type",
+})
+
+
+class SchedulerConfig(dict):
+    """Frozen dict with attribute access, like diffusers' FrozenDict: `cfg["k"]` and `cfg.k`.
+
+    A dict subclass (as FrozenDict is), so diffusers' own `from_config(ours.config)` accepts it.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"scheduler config has no key {name!r}") from None
+
+    def _frozen(self, *args, **kwargs):
+        raise AttributeError("scheduler config is frozen; build a new scheduler with from_config({**old.config, ...})")
+
+    __setattr__ = __delattr__ = __setitem__ = __delitem__ = _frozen
+    update = pop = popitem = setdefault = clear = _frozen
+
+    def __reduce__(self):
+        return (SchedulerConfig, (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"SchedulerConfig({dict.__repr__(self)})"
+
+
+# ---- value checks: each returns the (possibly normalised) value or raises ValueError ----------------
+
+class Check:
+    def __call__(self, key: str, value: Any, owner: str) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def fail(owner: str, key: str, value: Any, expected: str) -> ValueError:
+        return ValueError(f"{owner}: unsupported value {key}={value!r}; expected {expected}")
+
+
+class OneOf(Check):
+    def __init__(self, *allowed: Any, why: str = ""):
+        self.allowed, self.why = allowed, why
+
+    def __call__(self, key, value, owner):
+        if not any(value is a or (type(value) is type(a) and value == a) for a in self.allowed):
+            raise self.fail(owner, key, value, "one of " + ", ".join(repr(a) for a in self.allowed) + self.why)
+        return value
+
+
+class Flag(Check):
+    """A bool option. `supported=False` means: accepted only when off (None counts as off, as in diffusers)."""
+
+    def __init__(self, supported: bool = True, why: str = ""):
+        self.supported, self.why = supported, why
+
+    def __call__(self, key, value, owner):
+        if value is None:
+            return value
+        if not isinstance(value, bool):
+            raise self.fail(owner, key, value, "True or False")
+        if value and not self.supported:
+            raise ValueError(f"{owner}: {key}=True is not supported by scratch_sd{self.why}; set it to False")
+        return value
+
+
+class Number(Check):
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, integer: bool = False,
+                 optional: bool = False, lo_open: bool = False):
+        self.lo, self.hi, self.integer, self.optional, self.lo_open = lo, hi, integer, optional, lo_open
+
+    def __call__(self, key, value, owner):
+        if value is None and self.optional:
+            return value
+        kind = "an integer" if self.integer else "a number"
+        ok_type = isinstance(value, int) if self.integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            raise self.fail(owner, key, value, kind + (" or None" if self.optional else ""))
+        too_low = value <= self.lo if self.lo_open else value < self.lo
+        if too_low or value > self.hi or (isinstance(value, float) and math.isnan(value)):
+            bound = f"> {self.lo}" if self.lo_open else f">= {self.lo}"
+            raise self.fail(owner, key, value, f"{kind} {bound} and <= {self.hi}")
+        return value
+
+
+class Betas(Check):
+    """trained_betas: None or a 1-D sequence of floats in (0, 1)."""
+
+    def __call__(self, key, value, owner):
+        if value is None:
+            return value
+        try:
+            betas = [float(b) for b in value]
+        except (TypeError, ValueError):
+            raise self.fail(owner, key, "<not a sequence of numbers>", "None or a list of floats") from None
+        if not betas or not all(0.0 < b < 1.0 for b in betas):
+            raise self.fail(owner, key, value if len(betas) < 8 else f"<{len(betas)} values>",
+                            "None or a non-empty list of floats in (0, 1)")
+        return list(value)
+
+
+ANY = type("AnyCheck", (Check,), {"__call__": lambda self, key, value, owner: value})()
+
+# Checks shared by the DDPM-family schedulers (keys and value sets as diffusers documents them).
+COMMON_CHECKS: dict[str, Check] = {
+    "num_train_timesteps": Number(1, integer=True),
+    "beta_start": Number(0.0, 1.0, lo_open=True),
+    "beta_end": Number(0.0, 1.0, lo_open=True),
+    "beta_schedule": OneOf("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "trained_betas": Betas(),
+    "prediction_type": OneOf("epsilon", "v_prediction", "sample"),
+    "timestep_spacing": OneOf("linspace", "leading", "trailing"),
+    "steps_offset": Number(0, integer=True),
+    "set_alpha_to_one": Flag(),
+    "clip_sample": Flag(),
+    "clip_sample_range": Number(0.0, lo_open=True),
+    "thresholding": Flag(supported=False, why=" (dynamic thresholding, Imagen; unsuitable for latent diffusion)"),
+    "dynamic_thresholding_ratio": Number(0.0, 1.0),
+    "sample_max_value": Number(0.0, lo_open=True),
+    "rescale_betas_zero_snr": Flag(),
+}
+
+
+def configured(init: Callable) -> Callable:
+    """Decorator for `__init__`: bind arguments to the signature, check each value, freeze the config."""
+    sig = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        owner = type(self).__name__
+        unknown = [k for k in kwargs if k not in sig.parameters or k == "self"]
+        if unknown:
+            raise ValueError(f"{owner}: unknown config key {unknown[0]!r} (value {kwargs[unknown[0]]!r}); "
+                             f"known keys: {', '.join(type(self).config_keys())}")
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {k: v for k, v in bound.arguments.items() if k != "self"}
+        checks = type(self).CHECKS
+        for key, value in values.items():
+            if key not in checks:
+                raise TypeError(f"{owner}: no check declared for config key {key!r}")  # a bug in this package
+            values[key] = checks[key](key, value, owner)
+        self._internal_dict = SchedulerConfig(values)
+        init(self, **values)
+
+    return wrapper
+
+
+@dataclass
+class SchedulerOutput:
+    """What `step` returns: `.prev_sample` (x_{t-1}) and, where diffusers has it, `.pred_original_sample`.
+
+    Indexable like diffusers' BaseOutput: `out[0]` is prev_sample; `to_tuple()` drops None fields.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key: int | str):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+@dataclass
+class SdeVeOutput(SchedulerOutput):
+    """VE-SDE predictor output: the sample with noise (`prev_sample`) and without it (`prev_sample_mean`)."""
+
+    prev_sample_mean: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return (self.prev_sample, self.prev_sample_mean)
+
+
+class Scheduler:
+    """Base of every scheduler. Subclasses set CHECKS, DIFFUSERS_NAME and decorate __init__ with @configured."""
+
+    order = 1
+    CHECKS: dict[str, Check] = {}
+    DIFFUSERS_NAME = ""
+
+    @property
+    def config(self) -> SchedulerConfig:
+        # `_internal_dict` as in diffusers' ConfigMixin: StableDiffusionPipeline.__init__ may replace it
+        # (it rewrites an outdated steps_offset / clip_sample), and must see the change here.
+        return self._internal_dict
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        return [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any):
+        """Build from a diffusers scheduler config (a scheduler_config.json dict or `scheduler.config`).
+
+        As diffusers' `from_config`: keys starting with "_" are metadata; keys listed in
+        `_use_default_values` take this class's default; keys of other Stable Diffusion schedulers are
+        skipped. Unlike diffusers, a key no scheduler knows is an error, and so is any value this
+        package does not implement.
+        """
+        config = dict(config or {})
+        for key in config.pop("_use_default_values", None) or []:
+            config.pop(key, None)
+        own = set(cls.config_keys())
+        kept = {}
+        for key, value in list(config.items()) + list(overrides.items()):
+            if key.startswith("_"):
+                continue
+            if key in own:
+                kept[key] = value
+            elif key not in KNOWN_SCHEDULER_KEYS or key in overrides:
+                raise ValueError(f"{cls.__name__}.from_config: unknown config key {key!r} (value {value!r}); "
+                                 f"known keys of {cls.__name__}: {', '.join(sorted(own))}")
+        return cls(**kept)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        return f"{type(self).__name__}({items})"
+
+
+def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int | None) -> int:
+    """0 steps, negative, non-integer, or more steps than training timesteps: a clear ValueError.
+
+    diffusers raises the "cannot be larger" error in DDPM/DDIM and fails less clearly elsewhere
+    (ZeroDivisionError for 0 with leading spacing, silently repeated timesteps for too many).
+    """
+    if isinstance(num_inference_steps, torch.Tensor) and num_inference_steps.numel() == 1:
+        num_inference_steps = num_inference_steps.item()
+    if isinstance(num_inference_steps, np.integer):
+        num_inference_steps = int(num_inference_steps)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}")
+    if num_inference_steps < 1:
+        raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps}")
+    if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
+        raise ValueError(
+            f"`num_inference_steps`: {num_inference_steps} cannot be larger than `self.config.train_timesteps`:"
+            f" {num_train_timesteps} as the unet model trained with this scheduler can only handle"
+            f" maximal {num_train_timesteps} timesteps.")
+    return num_inference_steps
