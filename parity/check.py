@@ -24,7 +24,8 @@ import torch
 
 from parity.tolerances import DTYPES, Table, judge
 
-COMPONENTS = ("text_encoder", "vae", "unet", "scheduler", "pipeline")
+COMPONENTS = ("text_encoder", "vae", "unet", "scheduler", "pipeline", "train")
+DEFAULT_COMPONENTS = ("text_encoder", "vae", "unet", "scheduler", "pipeline")  # `all`; train is asked by name
 NETWORKS = ("text_encoder", "vae", "unet")
 UNET_TIMESTEPS = (0, 1, 250, 500, 745.3, 999)
 PIPELINE_SCHEDULERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmpp_2m", "lms")
@@ -39,7 +40,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("check", help="the parity gate: scratch vs diffusers, component by component")
     p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
     p.add_argument("--model", default=None, help="a local diffusers folder or a single .safetensors/.ckpt file")
-    p.add_argument("--components", default="all", help=f"comma list of {', '.join(COMPONENTS)} (default all)")
+    p.add_argument("--components", default="all",
+                   help=f"comma list of {', '.join(COMPONENTS)} (default all = every one but train)")
     p.add_argument("--dtypes", default="fp32", help="comma list of fp32, fp16, bf16 (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--scheduler", default="pndm", help="scheduler for the pipeline runs, or 'all' (default pndm)")
@@ -95,7 +97,8 @@ def parse_options(args) -> Options:
         raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
     if args.model is not None and not Path(args.model).exists():
         raise UsageError(f"--model path does not exist: {args.model}")
-    components = list(COMPONENTS) if args.components == "all" else _csv(args.components, COMPONENTS, "components")
+    components = list(DEFAULT_COMPONENTS) if args.components == "all" else \
+        _csv(args.components, COMPONENTS, "components")
     dtypes = _csv(args.dtypes, tuple(DTYPES), "dtypes")
     if args.device not in ("cpu", "cuda"):
         raise UsageError(f"unknown device {args.device!r}; known: cpu, cuda")
@@ -327,9 +330,25 @@ def check_scratch_pipeline(rec: Recorder, opts: Options, models, dtype: str, cac
                             case=f"seed={opts.seed}", step=step, scheduler=sched)
 
 
+# --------------------------------------------------------------------------- 5. training step
+def check_training(rec: Recorder, opts: Options, dtype: str) -> None:
+    """Training-step parity (issue 9): loss, every gradient, AdamW state and parameters after 3
+    steps with accumulation and clipping; on the tiny preset's UNet (training sd15 here is not a CPU case)."""
+    if "train" not in opts.components:
+        return
+    from parity.train_check import run_train_checks
+
+    _progress(opts, f"training step {dtype}: scratch vs diffusers UNet")
+    for r in run_train_checks(dtype, preset="tiny", seed=opts.seed, table=opts.table):
+        row = {c: "" for c in COLUMNS}
+        row.update({k: v for k, v in r.items() if k in COLUMNS})
+        row.update(run_id=rec.run_id, preset="tiny")
+        rec.rows.append(row)
+
+
 # --------------------------------------------------------------------------- main
-def cpu_cannot(dtype: str, opts: Options, models) -> str | None:
-    if opts.device == "cpu" and dtype == "fp16" and models.cfg.name != "tiny":
+def cpu_cannot(dtype: str, opts: Options, preset_name: str) -> str | None:
+    if opts.device == "cpu" and dtype == "fp16" and preset_name != "tiny":
         return ("fp16 at sd15 size is a GPU case: this CPU runs fp16 matmuls at ~1-2 GFLOP/s "
                 "(a UNet step ~55x slower than fp32); run it with --device cuda")
     return None
@@ -352,25 +371,31 @@ def run(args) -> int:
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S")
     _quiet_libraries()
-    _progress(opts, f"building {opts.model or opts.preset} ({', '.join(NETWORKS)})")
-    models = build_models(opts.preset, opts.model, NETWORKS, seed=opts.seed)  # the swap matrix needs all three
-    rec = Recorder(run_id, models.cfg.name if not opts.model else f"model:{Path(opts.model).name}", opts.device,
+    models = None
+    if set(opts.components) - {"train"}:  # the swap matrix needs all three networks, whatever is swapped
+        _progress(opts, f"building {opts.model or opts.preset} ({', '.join(NETWORKS)})")
+        models = build_models(opts.preset, opts.model, NETWORKS, seed=opts.seed)
+    preset_name = models.cfg.name if models else opts.preset
+    rec = Recorder(run_id, preset_name if not opts.model else f"model:{Path(opts.model).name}", opts.device,
                    opts.table)
     cache: dict = {}  # fp32 truths and traced pipeline runs, shared by the sections below
-    if any(d != "fp32" for d in opts.dtypes) and "fp32" not in opts.dtypes:
+    if models and any(d != "fp32" for d in opts.dtypes) and "fp32" not in opts.dtypes:
         # low precision is judged against fp32: compute the networks' fp32 outputs first, unjudged
         check_networks(Recorder(run_id, rec.preset, opts.device, opts.table), opts, models, "fp32", cache)
     for dtype in sorted(opts.dtypes, key=list(DTYPES).index):  # fp32 first: it is the truth
-        reason = cpu_cannot(dtype, opts, models)
+        reason = cpu_cannot(dtype, opts, preset_name)
         if reason:
             for c in opts.components:
                 rec.skip(c, dtype, reason)
             continue
-        check_networks(rec, opts, models, dtype, cache)
+        if models:
+            check_networks(rec, opts, models, dtype, cache)
         if "scheduler" in opts.components:
             check_schedulers(rec, opts, dtype)
-        check_swaps(rec, opts, models, dtype, cache)
-        check_scratch_pipeline(rec, opts, models, dtype, cache)
+        if models:
+            check_swaps(rec, opts, models, dtype, cache)
+            check_scratch_pipeline(rec, opts, models, dtype, cache)
+        check_training(rec, opts, dtype)
     paths = report.write_check(rec, opts, time.time() - t0)
     failed = [r for r in rec.rows if r["status"] == "compared" and not r["passed"]]
     compared = sum(r["status"] == "compared" for r in rec.rows)

@@ -224,3 +224,14 @@ def test_localize_clean_network_finds_nothing(tmp_path, capsys):
         assert len(rows) > 10 and not any(r["over"] == "True" for r in rows)
         assert all(math.isfinite(float(r["rel_l2"])) for r in rows)
     assert "no layer of unet" in capsys.readouterr().out
+
+
+def test_check_components_train_reports_training_parity(tmp_path):
+    """`sdparity check --components train` (issue 9): loss, gradients, AdamW state, parameters."""
+    out = tmp_path / "t"
+    assert cli.main(["check", "--components", "train", "--out", str(out), "--quiet", "--no-plots"]) == 0
+    rows = _rows(out / "parity.csv")
+    assert rows and {r["component"] for r in rows} == {"train"}
+    tensors = {r["tensor"] for r in rows}
+    assert "loss" in tensors and "params_after_3_steps" in tensors and any(t.startswith("grad") for t in tensors)
+    assert all(r["passed"] == "True" for r in rows)
