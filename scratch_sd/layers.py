@@ -32,3 +32,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = False,
     q, k, v = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     return merge_heads(out)
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
+    """Gaussian noise drawn as diffusers' `randn_tensor`: with a CPU generator the draw happens on the CPU
+    and is then moved, so CPU and GPU runs see the same numbers; a list of generators draws one row each."""
+    if isinstance(device, str):
+        device = torch.device(device)
+    rand_device = device
+    batch_size = shape[0]
+    layout = layout or torch.strided
+    device = device or torch.device("cpu")
+    if generator is not None:
+        gen_device_type = generator.device.type if not isinstance(generator, list) else generator[0].device.type
+        if gen_device_type != device.type and gen_device_type == "cpu":
+            rand_device = "cpu"
+        elif gen_device_type != device.type and gen_device_type == "cuda":
+            raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_device_type}.")
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, list):
+        shape = (1,) + tuple(shape[1:])
+        rows = [torch.randn(shape, generator=generator[i], device=rand_device, dtype=dtype, layout=layout)
+                for i in range(batch_size)]
+        return torch.cat(rows, dim=0).to(device)
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype, layout=layout).to(device)

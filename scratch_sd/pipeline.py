@@ -33,13 +33,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
 import torch
 from torch import nn
 
+from scratch_sd import layers
 from scratch_sd.config import SDConfig
 from scratch_sd.loading import load_network, load_sd_config, read_json as _read_json
 
@@ -61,22 +62,7 @@ class PipelineOutput:
 
 
 # --------------------------------------------------------------------------- noise
-def randn_tensor(shape: Sequence[int], generator=None, device=None, dtype=None) -> Tensor:
-    """N(0, 1) as diffusers' `randn_tensor`: a CPU generator draws on the CPU, then the tensor moves
-    (so every device sees the same numbers); a list of generators draws one batch element each."""
-    device = torch.device(device or "cpu")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    first = generator[0] if isinstance(generator, (list, tuple)) else generator
-    rand_device = device
-    if first is not None and first.device.type != device.type:
-        if first.device.type != "cpu":
-            raise ValueError(f"cannot draw a {device} tensor from a {first.device.type} generator")
-        rand_device = torch.device("cpu")
-    if isinstance(generator, (list, tuple)):
-        one = (1, *shape[1:])
-        return torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+randn_tensor = layers.randn_tensor  # diffusers' randn_tensor semantics, shared with the VAE and schedulers
 
 
 # --------------------------------------------------------------------------- images

@@ -171,26 +171,6 @@ class Decoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- posterior
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> Tensor:
-    """Standard normals drawn as diffusers' `randn_tensor`: with a CPU generator they are
-    drawn on the CPU (in `dtype`) and then moved, so every device sees the same numbers;
-    a list of generators draws one batch element from each."""
-    device = torch.device(device or "cpu")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    first = generator[0] if isinstance(generator, (list, tuple)) else generator
-    rand_device = device
-    if first is not None and first.device.type != device.type:
-        if first.device.type != "cpu":
-            raise ValueError(f"cannot draw a {device} tensor from a {first.device.type} generator")
-        rand_device = torch.device("cpu")
-    if isinstance(generator, (list, tuple)):
-        one = (1, *shape[1:])
-        parts = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(parts).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
-
-
 class DiagonalGaussian:
     """The posterior q(z | x): moments (B, 2C, h, w) split into mean and log-variance."""
 
@@ -210,7 +190,7 @@ class DiagonalGaussian:
     def sample(self, generator=None, noise: Tensor | None = None) -> Tensor:
         """mean + std * noise; noise drawn like diffusers' `latent_dist.sample(generator)` unless given."""
         if noise is None:
-            noise = randn_tensor(self.mean.shape, generator, self.moments.device, self.moments.dtype)
+            noise = layers.randn_tensor(self.mean.shape, generator, self.moments.device, self.moments.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> Tensor:

@@ -11,6 +11,8 @@ import math
 import numpy as np
 import torch
 
+from scratch_sd.layers import randn_tensor  # noqa: F401 (the schedulers' noise)
+
 # ---- beta schedules (the forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)) ------
 
 
@@ -196,31 +198,6 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 # ---- noise --------------------------------------------------------------------------------------------
-
-
-def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None) -> torch.Tensor:
-    """Gaussian noise drawn as diffusers' `randn_tensor`: with a CPU generator the draw happens on the CPU
-    and is then moved, so CPU and GPU runs see the same numbers; a list of generators draws one row each."""
-    if isinstance(device, str):
-        device = torch.device(device)
-    rand_device = device
-    batch_size = shape[0]
-    layout = layout or torch.strided
-    device = device or torch.device("cpu")
-    if generator is not None:
-        gen_device_type = generator.device.type if not isinstance(generator, list) else generator[0].device.type
-        if gen_device_type != device.type and gen_device_type == "cpu":
-            rand_device = "cpu"
-        elif gen_device_type != device.type and gen_device_type == "cuda":
-            raise ValueError(f"Cannot generate a {device} tensor from a generator of type {gen_device_type}.")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        shape = (1,) + tuple(shape[1:])
-        rows = [torch.randn(shape, generator=generator[i], device=rand_device, dtype=dtype, layout=layout)
-                for i in range(batch_size)]
-        return torch.cat(rows, dim=0).to(device)
-    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype, layout=layout).to(device)
 
 
 def broadcast_to_sample(values: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
