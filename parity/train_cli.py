@@ -57,7 +57,9 @@ def add_parser(sub) -> None:
     p.add_argument("--samples-per-digit", type=int, default=20, help="samples per digit to classify (default 20)")
     p.add_argument("--min-accuracy", type=float, default=0.8, help="exit 1 below this accuracy (default 0.8)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training forward")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: this model's ops are too small to share, and on a busy CPU "
+                        "every extra OpenMP thread waits for the others at each op)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
@@ -84,7 +86,7 @@ def _validate(args) -> list[str]:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
     if args.ddpm_sampler not in ("ddim", "ddpm"):
         raise UsageError(f"unknown --ddpm-sampler {args.ddpm_sampler!r}; known: ddim, ddpm")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.resume is not None and not Path(args.resume).is_file():
         raise FileNotFoundError(2, "No such checkpoint file", str(args.resume))
@@ -327,11 +329,18 @@ def _report(results: dict, clf_acc: dict, summary: dict, out: Path, min_accuracy
 
 
 def run(args) -> int:
+    names = _validate(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, names)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their own setting
+
+
+def _run(args, names: list[str]) -> int:
     from scratch_sd.train import DigitsTrainConfig, DigitsTrainer, digits_unet_config
 
-    names = _validate(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("train-%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(out))
