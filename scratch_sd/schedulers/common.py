@@ -200,6 +200,22 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 # ---- noise --------------------------------------------------------------------------------------------
 
 
+class VPNoise:
+    """`add_noise` of the variance-preserving schedulers (DDPM, DDIM, PNDM): forward process q(x_t | x_0)."""
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
+        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
+
+
+class VPVelocity(VPNoise):
+    """`add_noise` and the v-prediction target `get_velocity` (DDPM, DDIM)."""
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
+        return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)
+
+
 def broadcast_to_sample(values: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, ...) so a per-sample scalar multiplies a (B, C, H, W) tensor."""
     values = values.flatten()

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from .base import COMMON_CHECKS, Scheduler, SchedulerOutput, check_num_inference_steps, configured
-from .common import (add_noise_vp, alphas_cumprod_from_betas, clip_pred_original, make_betas, pred_x0_and_eps,
-                     randn_tensor, rescale_zero_terminal_snr, spaced_timesteps, velocity_vp)
+from .common import (VPVelocity, alphas_cumprod_from_betas, clip_pred_original, make_betas, pred_x0_and_eps,
+                     randn_tensor, rescale_zero_terminal_snr, spaced_timesteps)
 
 
 def ddim_sigma(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, eta: float) -> torch.Tensor:
@@ -24,7 +24,7 @@ def ddim_update(pred_original_sample: torch.Tensor, pred_epsilon: torch.Tensor, 
     return alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
 
 
-class DDIMScheduler(Scheduler):
+class DDIMScheduler(VPVelocity, Scheduler):
     """DDIM sampler (eta = 0: deterministic; eta = 1: DDPM-like) with diffusers' DDIMScheduler semantics.
 
     Parity knobs: `set_alpha_to_one` picks abar_prev at the final step (1.0, or abar_0 as in SD 1.x
@@ -101,11 +101,3 @@ class DDIMScheduler(Scheduler):
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
-        return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)

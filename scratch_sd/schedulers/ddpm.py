@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from .base import COMMON_CHECKS, OneOf, Scheduler, SchedulerOutput, check_num_inference_steps, configured
-from .common import (add_noise_vp, alphas_cumprod_from_betas, clip_pred_original, make_betas, pred_x0_and_eps,
-                     randn_tensor, rescale_zero_terminal_snr, spaced_timesteps, velocity_vp)
+from .common import (VPVelocity, alphas_cumprod_from_betas, clip_pred_original, make_betas, pred_x0_and_eps,
+                     randn_tensor, rescale_zero_terminal_snr, spaced_timesteps)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
 
@@ -49,7 +49,7 @@ def ddpm_noise_scale(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor
     raise ValueError(f"unsupported value variance_type={variance_type!r}")
 
 
-class DDPMScheduler(Scheduler):
+class DDPMScheduler(VPVelocity, Scheduler):
     """Ancestral DDPM sampler with diffusers' DDPMScheduler config and step semantics."""
 
     DIFFUSERS_NAME = "DDPMScheduler"
@@ -146,11 +146,3 @@ class DDPMScheduler(Scheduler):
         if not return_dict:
             return (pred_prev_sample, pred_original_sample)
         return SchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
-        return velocity_vp(self.alphas_cumprod, sample, noise, timesteps)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .base import COMMON_CHECKS, Flag, OneOf, Scheduler, SchedulerOutput, check_num_inference_steps, configured
-from .common import add_noise_vp, alphas_cumprod_from_betas, make_betas, spaced_timesteps
+from .common import VPNoise, alphas_cumprod_from_betas, make_betas, spaced_timesteps
 
 PNDM_ORDER = 4  # the linear multistep method is 4th order (Adams-Bashforth)
 
@@ -58,7 +58,7 @@ def pndm_timesteps(base: np.ndarray, num_train_timesteps: int, num_inference_ste
     return prk, plms
 
 
-class PNDMScheduler(Scheduler):
+class PNDMScheduler(VPNoise, Scheduler):
     """PNDM / PLMS with diffusers' PNDMScheduler semantics (the scheduler in Stable Diffusion 1.x's config)."""
 
     DIFFUSERS_NAME = "PNDMScheduler"
@@ -178,7 +178,3 @@ class PNDMScheduler(Scheduler):
             beta_prod_t = 1 - alpha_prod_t
             model_output = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
         return pndm_transfer(sample, model_output, alpha_prod_t, alpha_prod_t_prev)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
