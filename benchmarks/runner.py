@@ -41,7 +41,6 @@ PRESET_DEFAULTS = {
                  memory_warmup=0, memory_components="text_encoder,unet,vae_decode,vae_encode,scheduler_step"),
 }
 DTYPE_ORDER = list(C.DTYPES)  # fp32, bf16, fp16: the in-place conversions stay exact in this order
-FP16_CPU_NOTE = "this CPU has no fp16 arithmetic: fp16 at this size is a GPU case"
 
 
 _T0 = time.perf_counter()
@@ -80,8 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--memory-warmup", type=int, default=None, help="calls of a case before its memory is measured")
     p.add_argument("--memory-components", default=None, help="components whose memory is measured (comma list)")
     p.add_argument("--memory-scope", choices=("main", "all"), default=None, help="cases whose memory is measured")
-    p.add_argument("--max-call-s", type=float, default=60.0,
-                   help="skip a case whose estimated time per call (GFLOP / measured matmul peak) exceeds this")
+    p.add_argument("--max-call-s", type=float, default=30.0,
+                   help="for a dtype without fast arithmetic here (matmul peak < 1/10 of the best dtype's, e.g. fp16 "
+                        "on a CPU): skip a case whose estimated time per call (GFLOP / that peak) exceeds this")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default reports/bench-RUN_ID)")
@@ -323,7 +323,7 @@ def _run_cases(s, cases: list[C.Case], common: dict, meta: dict, out: Path) -> l
         models = build_models(s.preset, s.model, components=tuple(networks), seed=s.seed)
         _progress(f"built {', '.join(networks) or 'no networks'} (both impls) in {time.perf_counter() - t:.1f} s")
         memory.wait_ready()
-        for dtype in s.dtypes:
+        for dtype in sorted({"fp32", *s.dtypes}, key=DTYPE_ORDER.index):  # fp32: the yardstick of the others
             meta["matmul_peak"][dtype] = measure_matmul_peak(C.DTYPES[dtype], s.device, clock)
             _progress(f"matmul peak {dtype}: {meta['matmul_peak'][dtype]['peak_gflops']:.4g} GFLOP/s")
         work = Workload(models, s.device, s.scheduler, s.steps, clock)
@@ -358,7 +358,7 @@ def _run_case(s, work, case: C.Case, common: dict, meta: dict, clock, counter: s
             except Exception as exc:  # noqa: BLE001 - counting is best effort; timing still runs
                 gflops[impl] = None
                 _progress(f"  flop count failed for {impl} {case.label()}: {type(exc).__name__}: {exc}")
-            why = _too_slow(s, case, gflops[impl], peak)
+            why = _too_slow(s, case, gflops[impl], meta["matmul_peak"])
         if why is not None:
             rows[impl] = _row(common, s, case, impl, status="skipped", reason=why, gflop=gflops.get(impl), **base)
             continue
@@ -413,15 +413,21 @@ def _first_calls(calls: dict, clock) -> dict[str, float]:
         return {impl: clock.time_ms(call.fn) for impl, call in calls.items()}
 
 
-def _too_slow(s, case: C.Case, gflop: float | None, peak: float) -> str | None:
-    if not gflop or peak <= 0:
+def _too_slow(s, case: C.Case, gflop: float | None, peaks: dict) -> str | None:
+    """Why a case is skipped as too slow, or None. Only a dtype this device has no fast arithmetic
+    for -- its measured matmul peak under 1/10 of the best dtype's (fp16 on this CPU) -- is
+    skipped, and only when the call's estimated time (gflop / that peak) exceeds --max-call-s."""
+    peak = peaks[case.dtype]["peak_gflops"]
+    best_dtype = max(peaks, key=lambda d: peaks[d]["peak_gflops"])
+    best = peaks[best_dtype]["peak_gflops"]
+    if not gflop or peak <= 0 or peak * 10 >= best:
         return None
     est = gflop / peak
     if est <= s.max_call_s:
         return None
-    note = f"; {FP16_CPU_NOTE}" if s.device == "cpu" and case.dtype == "fp16" else ""
-    return (f"estimated {est:,.0f} s per call ({gflop:,.0f} GFLOP at this device's measured {case.dtype} matmul "
-            f"peak of {peak:.3g} GFLOP/s) exceeds --max-call-s {s.max_call_s:g}{note}")
+    return (f"no fast {case.dtype} arithmetic on this device (measured {case.dtype} matmul peak {peak:.3g} GFLOP/s, "
+            f"1/{best / peak:.0f} of {best_dtype}'s): estimated {est:,.0f} s per call ({gflop:,.0f} GFLOP) "
+            f"exceeds --max-call-s {s.max_call_s:g}; a GPU case")
 
 
 def _add_ratios(rows: dict) -> None:

@@ -158,16 +158,20 @@ def test_cuda_without_a_gpu_writes_skipped_rows(tmp_path):
     assert all(r["median_ms"] == "" and r["peak_mem_mb"] == "" for r in rows)  # no figure claimed
 
 
-def test_too_slow_cases_are_skipped_with_the_estimate():
+def test_only_a_dtype_without_fast_arithmetic_is_skipped_as_too_slow():
     from benchmarks.cases import Case
     from benchmarks.runner import _too_slow
 
     class S:
-        max_call_s, device = 60.0, "cpu"
+        max_call_s = 30.0
 
-    why = _too_slow(S, Case("unet", "fp16", 1, 512), gflop=1606.0, peak=1.5)
-    assert why and "1,071 s per call" in why and "GPU case" in why
-    assert _too_slow(S, Case("unet", "fp32", 1, 512), gflop=1606.0, peak=170.0) is None
+    peaks = {d: {"peak_gflops": v} for d, v in (("fp32", 170.0), ("bf16", 350.0), ("fp16", 1.5))}
+    why = _too_slow(S, Case("unet", "fp16", 1, 512), gflop=1606.0, peaks=peaks)
+    assert why and "1,071 s per call" in why and "1/233 of bf16's" in why and "GPU case" in why
+    assert _too_slow(S, Case("text_encoder", "fp16", 1, 0), gflop=20.0, peaks=peaks) is None  # 13 s: runs
+    # fp32 and bf16 always run, however long the call (an sd15 pipeline is minutes on a CPU)
+    assert _too_slow(S, Case("pipeline", "fp32", 1, 512), gflop=1e5, peaks=peaks) is None
+    assert _too_slow(S, Case("unet", "bf16", 1, 512), gflop=1e5, peaks=peaks) is None
 
 
 # --------------------------------------------------------------------------- bad input
