@@ -77,7 +77,7 @@ class Recorder:
         def hook(module, args, out):
             t = _first_tensor(out)
             if t is not None and name not in self.outputs:
-                self.outputs[name] = t.detach().float().cpu()
+                self.outputs[name] = t.detach().float().cpu().clone()  # a copy: later in-place ops reuse the memory
                 self.order[name] = len(self.order)
         return hook
 

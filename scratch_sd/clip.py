@@ -78,8 +78,8 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = layers.add(self.attn(self.norm1(x)), x, h_first=False)
+        return layers.add(self.mlp(self.norm2(x)), x, h_first=False)
 
 
 class CLIPTextModel(nn.Module):

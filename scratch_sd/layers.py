@@ -11,9 +11,91 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
+# --------------------------------------------------------------------------- inference fast paths
+# When autograd records nothing (torch.no_grad / inference_mode), a network may overwrite the
+# fresh intermediates it made itself: the same arithmetic in the same order, so the same bits,
+# but fewer allocations and less memory traffic. Under autograd every op stays out of place.
+INPLACE = True  # the switch benchmarks/ablation.py flips to measure what in-place saves
+
+
+def inplace() -> bool:
+    return INPLACE and not torch.is_grad_enabled()
+
+
+def silu(x: Tensor) -> Tensor:
+    """SiLU of a fresh intermediate (in place in inference)."""
+    return F.silu(x, inplace=inplace())
+
+
+def add(h: Tensor, x: Tensor, h_first: bool = True) -> Tensor:
+    """h + x (x + h with h_first=False: the order the reference writes it), where `h` is a fresh
+    intermediate, never a caller's input. Written into h in inference when that is the same tensor:
+    h of one unambiguous layout, and x of h's strides or broadcast over it. Otherwise out
+    of place, in the reference's operand order: with two layouts (or a (B, C, 1, 1) tensor, which is
+    both) the operands decide the result's strides, and those decide which kernels (so which
+    roundings) the next convolution uses."""
+    if inplace() and _one_layout(h) and (x.shape != h.shape or x.stride() == h.stride()):
+        return h.add_(x)
+    return h + x if h_first else x + h
+
+
+def _one_layout(h: Tensor) -> bool:
+    if h.dim() != 4:
+        return h.is_contiguous()
+    return h.is_contiguous() != h.is_contiguous(memory_format=torch.channels_last)
+
+
+def gelu_mul(hidden: Tensor, gate: Tensor) -> Tensor:
+    """hidden * gelu(gate) (erf GELU; GEGLU's product), multiplied into gelu's fresh output in
+    inference. `hidden` and `gate` are strided halves of one projection; the product stays a
+    contiguous tensor because a matmul over a strided input takes another GEMM path (other bits)."""
+    if inplace():
+        return F.gelu(gate).mul_(hidden)
+    return hidden * F.gelu(gate)
+
+
 def quick_gelu(x: Tensor) -> Tensor:
-    """CLIP's activation: x * sigmoid(1.702 x) (not the erf GELU)."""
+    """CLIP's activation: x * sigmoid(1.702 x) (not the erf GELU); in place in inference."""
+    if inplace():
+        return x.mul_(torch.sigmoid(1.702 * x))
     return x * torch.sigmoid(1.702 * x)
+
+
+# --------------------------------------------------------------------------- memory format
+def nchw_of_tokens(y: Tensor, b: int, h: int, w: int, channels_last: bool) -> Tensor:
+    """(B, H*W, C) -> (B, C, H, W), contiguous in the network's memory format (a free view when channels_last)."""
+    y = y.reshape(b, h, w, y.shape[-1]).permute(0, 3, 1, 2)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class ExactOrFast:
+    """Mixin for the conv networks (UNet, VAE): two modes over the same weights.
+
+    fast (the default): every 4-d weight is stored NHWC (channels_last) and forward converts its
+      input once; every op after that keeps the format (convolutions, GroupNorm, SiLU, interpolate,
+      cat), so oneDNN runs its NHWC kernels with no reorders between layers, and the
+      (B, C, H, W) <-> (B, H*W, C) reshapes around attention are free views. The UNet's GEGLU
+      feed-forward runs over row chunks in inference. Different kernels round differently: the
+      output moves at the 1e-6 level in fp32 (within the gate's fp32 bar).
+    exact (`set_exact(True)`): NCHW and whole-tensor ops, the kernels diffusers calls in the same
+      order: bit-identical to diffusers.
+    Either way the output is an ordinary contiguous NCHW tensor; submodules that behave differently
+    per mode read their own `exact` flag, set here."""
+
+    exact = False
+
+    def set_exact(self, exact: bool = True):
+        self.to(memory_format=torch.contiguous_format if exact else torch.channels_last)
+        for m in self.modules():
+            if hasattr(m, "exact"):
+                m.exact = exact
+        return self
+
+    def _enter(self, x: Tensor) -> Tensor:
+        return x if self.exact else x.contiguous(memory_format=torch.channels_last)
+
+    def _leave(self, y: Tensor) -> Tensor:
+        return y if self.exact else y.contiguous()
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -82,10 +82,10 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         """`emb` is the time embedding after SiLU (shared by every block)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.skip is None else self.skip(x)) + h
+        h = self.conv1(layers.silu(self.norm1(x)))
+        h = layers.add(h, self.time_proj(emb)[:, :, None, None])
+        h = self.conv2(layers.silu(self.norm2(h)))
+        return layers.add(h, x if self.skip is None else self.skip(x), h_first=False)
 
 
 class SelfAttention(nn.Module):
@@ -114,7 +114,15 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """proj to 2 * inner, split into (hidden, gate), hidden * gelu(gate) (erf GELU), project back."""
+    """proj to 2 * inner, split into (hidden, gate), hidden * gelu(gate) (erf GELU), project back.
+
+    In inference the tokens go through `chunk_rows` at a time: the (tokens, 2 * inner) intermediate
+    is the UNet's largest tensor (84 MB fp32 at 64x64 latents, CFG batch 2), and rows are independent
+    (a GEMM's row is the same dot product whatever the number of rows, though a BLAS may pick
+    another kernel, so other bits, for another row count: hence fast mode only)."""
+
+    chunk_rows = 2048
+    exact = False  # set by UNet.set_exact: True runs the whole tensor at once, as diffusers
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
@@ -122,8 +130,16 @@ class GEGLU(nn.Module):
         self.out = nn.Linear(inner, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return self.out(hidden * F.gelu(gate))
+        n = x.shape[:-1].numel()
+        if self.exact or not layers.inplace() or n <= self.chunk_rows:
+            hidden, gate = self.proj(x).chunk(2, dim=-1)
+            return self.out(layers.gelu_mul(hidden, gate))
+        rows = x.reshape(n, x.shape[-1])
+        out = rows.new_empty(n, self.out.out_features)
+        for s in range(0, n, self.chunk_rows):
+            hidden, gate = self.proj(rows[s:s + self.chunk_rows]).chunk(2, dim=-1)
+            out[s:s + self.chunk_rows] = self.out(layers.gelu_mul(hidden, gate))
+        return out.view(*x.shape[:-1], -1)
 
 
 class TransformerBlock(nn.Module):
@@ -139,13 +155,15 @@ class TransformerBlock(nn.Module):
         self.ff = GEGLU(dim, FF_MULT * dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x = layers.add(self.attn1(self.norm1(x)), x)
+        x = layers.add(self.attn2(self.norm2(x), context), x)
+        return layers.add(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
     """GroupNorm, proj_in (1x1 conv, or linear after flattening), transformer blocks, proj_out, + input."""
+
+    exact = False  # set by UNet.set_exact: False = channels_last activations
 
     def __init__(self, dim: int, cfg: UNetConfig, heads: int, depth: int):
         super().__init__()
@@ -157,6 +175,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = proj()
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        # (B, C, H, W) <-> (B, HW, C): a copy for NCHW tensors, a free view for channels_last ones.
         b, c, h, w = x.shape
         y = self.norm(x)
         if self.linear:
@@ -166,10 +185,10 @@ class SpatialTransformer(nn.Module):
         for block in self.blocks:
             y = block(y, context)
         if self.linear:
-            y = self.proj_out(y).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+            y = layers.nchw_of_tokens(self.proj_out(y), b, h, w, not self.exact)
         else:
-            y = self.proj_out(y.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
-        return y + x
+            y = self.proj_out(layers.nchw_of_tokens(y, b, h, w, not self.exact))
+        return layers.add(y, x)
 
 
 class Upsample(nn.Module):
@@ -259,8 +278,9 @@ class UpLevel(nn.Module):
 
 
 # --------------------------------------------------------------------------- model
-class UNet(nn.Module):
-    def __init__(self, cfg: UNetConfig):
+class UNet(layers.ExactOrFast, nn.Module):
+    def __init__(self, cfg: UNetConfig, exact: bool = False):
+        """exact=False (default): the fast mode; True: bit-identical to diffusers (layers.ExactOrFast)."""
         super().__init__()
         self.cfg = cfg
         widths, n = cfg.block_out_channels, len(cfg.block_out_channels)
@@ -281,6 +301,7 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+        self.set_exact(exact)
 
     def time_embedding(self, x: Tensor, t: Tensor | float | int) -> Tensor:
         """(B, time_dim) embedding of the timestep(s), before the SiLU the resnets apply."""
@@ -291,7 +312,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor | float | int, context: Tensor) -> Tensor:
         """x: (B, C, H, W) latents, t: timestep(s) (python number, 0-d or (B,) tensor),
         context: (B, T, cross_attention_dim) text embeddings -> (B, C, H, W) model output."""
-        emb = F.silu(self.time_embedding(x, t))
+        emb = layers.silu(self.time_embedding(x, t))
+        x = self._enter(x)
         # When H or W is not a multiple of 2^(levels-1), upsample to each skip's size instead of x2.
         factor = 2 ** (len(self.up) - 1)
         odd_size = any(d % factor for d in x.shape[-2:])
@@ -307,4 +329,4 @@ class UNet(nn.Module):
             n_skips = len(level.res)
             size = skips[-n_skips - 1].shape[-2:] if odd_size and i < len(self.up) - 1 else None
             x = level(x, skips, emb, context, size)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self._leave(self.conv_out(layers.silu(self.norm_out(x))))

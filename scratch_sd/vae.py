@@ -39,17 +39,17 @@ class ResnetBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))  # (dropout is 0 in SD)
-        if self.skip is not None:
-            x = self.skip(x)
-        return x + h
+        h = self.conv1(layers.silu(self.norm1(x)))
+        h = self.conv2(layers.silu(self.norm2(h)))  # (dropout is 0 in SD)
+        return layers.add(h, x if self.skip is None else self.skip(x), h_first=False)
 
 
 class SpatialSelfAttention(nn.Module):
     """One head over all H*W positions, residual added (diffusers' Attention with
     residual_connection=True, rescale_output_factor=1, run by its SDPA processor,
     which ignores the block's upcast_softmax=True)."""
+
+    exact = False  # set by AutoencoderKL.set_exact: False = channels_last activations
 
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
@@ -61,8 +61,8 @@ class SpatialSelfAttention(nn.Module):
         b, c, h, w = x.shape
         t = self.norm(x.flatten(2)).transpose(1, 2)  # (B, H*W, C); normed as (B, C, H*W) like diffusers
         q, k, v = self.qkv(t).chunk(3, dim=-1)
-        t = self.out(layers.attention(q, k, v, heads=1))
-        return x + t.transpose(1, 2).reshape(b, c, h, w)
+        t = self.out(layers.attention(q, k, v, heads=1))  # (B, H*W, C)
+        return layers.add(layers.nchw_of_tokens(t, b, h, w, not self.exact), x, h_first=False)
 
 
 class Downsample(nn.Module):
@@ -144,7 +144,7 @@ class Encoder(nn.Module):
         for level in self.down:
             x = level(x)
         x = self.mid(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(layers.silu(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
@@ -167,7 +167,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in self.up:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(layers.silu(self.norm_out(x)))
 
 
 # --------------------------------------------------------------------------- posterior
@@ -198,21 +198,23 @@ class DiagonalGaussian:
 
 
 # --------------------------------------------------------------------------- model
-class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+class AutoencoderKL(layers.ExactOrFast, nn.Module):
+    def __init__(self, cfg: VAEConfig, exact: bool = False):
+        """exact=False (default): the fast mode; True: bit-identical to diffusers (layers.ExactOrFast)."""
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.decoder = Decoder(cfg)
+        self.set_exact(exact)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self._leave(self.quant_conv(self.encoder(self._enter(x)))))
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents -> image (divide pipeline latents by cfg.scaling_factor first)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self._leave(self.decoder(self.post_quant_conv(self._enter(z))))
 
     def forward(self, x: Tensor, sample_posterior: bool = False, generator=None) -> Tensor:
         posterior = self.encode(x)

@@ -309,7 +309,7 @@ def _outputs(model, names, ids):
 
     def keep(name):
         def hook(module, args, out):  # returns None: the output is left alone
-            got.setdefault(name, out[0] if isinstance(out, tuple) else out)
+            got.setdefault(name, (out[0] if isinstance(out, tuple) else out).clone())  # later ops may run in place
         return hook
 
     handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
