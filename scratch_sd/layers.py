@@ -91,6 +91,15 @@ class ExactOrFast:
                 m.exact = exact
         return self
 
+    def state_dict(self, *args, **kwargs):
+        """The weights as files hold them: every tensor contiguous (NCHW), whatever the mode
+        (safetensors refuses strided tensors, and checkpoints must not depend on the mode)."""
+        state = super().state_dict(*args, **kwargs)
+        for k, v in state.items():
+            if torch.is_tensor(v) and not v.is_contiguous():
+                state[k] = v.contiguous()
+        return state
+
     def _enter(self, x: Tensor) -> Tensor:
         return x if self.exact else x.contiguous(memory_format=torch.channels_last)
 

@@ -198,3 +198,16 @@ def test_ablation_rejects_unknown_names(tmp_path, capsys):
     assert ablation.main(["--preset", "tiny", "--dtypes", "fp8", "--out", str(tmp_path / "b")]) == 2
     assert "error: unknown dtype 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+
+
+def test_fast_mode_state_dict_is_contiguous_and_saves(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _set(models, False)
+    for name in ("unet", "vae"):
+        net = models.pairs[name].scratch
+        state = net.state_dict()
+        assert all(v.is_contiguous() for v in state.values()), name
+        save_file(state, str(tmp_path / f"{name}.safetensors"))  # refuses strided tensors
+        back = load_file(str(tmp_path / f"{name}.safetensors"))
+        assert all(torch.equal(back[k], v) for k, v in state.items()), name
