@@ -10,8 +10,10 @@ Variants of the scratch network (the same weights), each against diffusers in th
 - `ff_chunks`       + the UNet's GEGLU feed-forward over 2048 tokens at a time (its (tokens, 2*inner)
                     intermediate is the UNet's largest tensor; rows are independent: the same bits)
 - `channels_last`   + NHWC weights and activations: oneDNN's NHWC conv kernels, no layout reorders,
-                    free (B,C,H,W) <-> (B,HW,C) views in attention. This last row is the default
-                    (fast) mode; `before` and `inplace` are exact (bit-identical to diffusers).
+                    free (B,C,H,W) <-> (B,HW,C) views in attention
+- `onednn_linear`   + fp32 linear layers through oneDNN instead of the BLAS sgemm (CPU, fp32 only).
+                    This last row is the default (fast) mode; `before` and `inplace` are exact
+                    (bit-identical to diffusers).
 
 Timing: one untimed round, then `--repeats` rounds; in each round diffusers and every variant run one
 after the other; ratio = median over rounds of variant / diffusers in the same round. Memory: as
@@ -36,11 +38,12 @@ from benchmarks import cases as C
 from benchmarks import memory
 from benchmarks.timing import CpuClock, interleaved, paired_ratio, summarize
 
-VARIANTS = {  # name -> (in-place ops, GEGLU row chunks, channels_last): each adds one change to the last
-    "before": (False, False, False),
-    "inplace": (True, False, False),
-    "ff_chunks": (True, True, False),
-    "channels_last": (True, True, True),
+VARIANTS = {  # name -> (in-place ops, GEGLU row chunks, channels_last, oneDNN fp32 linears): cumulative
+    "before": (False, False, False, False),
+    "inplace": (True, False, False, False),
+    "ff_chunks": (True, True, False, False),
+    "channels_last": (True, True, True, False),
+    "onednn_linear": (True, True, True, True),
 }
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "vae_encode")
 COLUMNS = ("component", "dtype", "batch_size", "resolution", "impl", "median_ms", "p10_ms", "p90_ms",
@@ -55,12 +58,13 @@ class Variant:
 
         from scratch_sd.unet import GEGLU
 
-        self.inplace, chunks, channels_last = VARIANTS[name]
-        if hasattr(net, "set_exact"):
-            net.set_exact(not channels_last)
-            for m in net.modules():
-                if isinstance(m, GEGLU):
-                    m.exact = not chunks
+        self.inplace, chunks, channels_last, onednn = VARIANTS[name]
+        net.set_exact(not channels_last)
+        for m in net.modules():
+            if isinstance(m, GEGLU):
+                m.exact = not chunks
+            if isinstance(m, layers.Linear):
+                m.exact = not onednn
         self.layers, self.net = layers, net
         self.fn = C.network_call(case.component, "scratch", {_network(case): net}, inputs)
 

@@ -46,8 +46,8 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.out = nn.Linear(cfg.width, cfg.width)
+        self.qkv = layers.Linear(cfg.width, 3 * cfg.width)
+        self.out = layers.Linear(cfg.width, cfg.width)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -58,8 +58,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.exact_gelu = cfg.activation == "gelu"
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+        self.fc1 = layers.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = layers.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
@@ -82,13 +82,16 @@ class Layer(nn.Module):
         return layers.add(self.mlp(self.norm2(x)), x, h_first=False)
 
 
-class CLIPTextModel(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+class CLIPTextModel(layers.ExactOrFast, nn.Module):
+    def __init__(self, cfg: CLIPTextConfig, exact: bool = False):
+        """exact=False (default): the fast mode (oneDNN linears on the CPU in inference);
+        True: bit-identical to transformers (layers.ExactOrFast)."""
         super().__init__()
         self.cfg = cfg
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.set_exact(exact)
 
     def forward(self, input_ids: Tensor, output_hidden_states: bool = False):
         """input_ids (B, T) -> last hidden state (B, T, width), after the final LayerNorm.

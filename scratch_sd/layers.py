@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Tensor = torch.Tensor
 
@@ -16,10 +17,15 @@ Tensor = torch.Tensor
 # fresh intermediates it made itself: the same arithmetic in the same order, so the same bits,
 # but fewer allocations and less memory traffic. Under autograd every op stays out of place.
 INPLACE = True  # the switch benchmarks/ablation.py flips to measure what in-place saves
+ONEDNN_LINEAR = True  # likewise for Linear's oneDNN path (fast mode only)
+
+
+def inference() -> bool:
+    return not torch.is_grad_enabled()
 
 
 def inplace() -> bool:
-    return INPLACE and not torch.is_grad_enabled()
+    return INPLACE and inference()
 
 
 def silu(x: Tensor) -> Tensor:
@@ -69,17 +75,18 @@ def nchw_of_tokens(y: Tensor, b: int, h: int, w: int, channels_last: bool) -> Te
 
 
 class ExactOrFast:
-    """Mixin for the conv networks (UNet, VAE): two modes over the same weights.
+    """Mixin for the scratch networks (UNet, VAE, text encoder): two modes over the same weights.
 
     fast (the default): every 4-d weight is stored NHWC (channels_last) and forward converts its
       input once; every op after that keeps the format (convolutions, GroupNorm, SiLU, interpolate,
       cat), so oneDNN runs its NHWC kernels with no reorders between layers, and the
       (B, C, H, W) <-> (B, H*W, C) reshapes around attention are free views. The UNet's GEGLU
-      feed-forward runs over row chunks in inference. Different kernels round differently: the
-      output moves at the 1e-6 level in fp32 (within the gate's fp32 bar).
+      feed-forward runs over row chunks in inference; `Linear` layers use oneDNN on the CPU.
+      Different kernels round differently: the output moves at the 1e-6 level in fp32 (within the
+      gate's fp32 bar).
     exact (`set_exact(True)`): NCHW and whole-tensor ops, the kernels diffusers calls in the same
-      order: bit-identical to diffusers.
-    Either way the output is an ordinary contiguous NCHW tensor; submodules that behave differently
+      order: bit-identical to diffusers / transformers.
+    Either way the output is an ordinary contiguous tensor; submodules that behave differently
     per mode read their own `exact` flag, set here."""
 
     exact = False
@@ -105,6 +112,27 @@ class ExactOrFast:
 
     def _leave(self, y: Tensor) -> Tensor:
         return y if self.exact else y.contiguous()
+
+
+_onednn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys). In fast mode, in fp32 inference on the CPU
+    it runs oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the op inductor's CPU freezing
+    emits) instead of the BLAS sgemm F.linear calls for fp32, which is slower at the text encoder's
+    small row counts here (measured: benchmarks/ablation.py). It sums in another order (other fp32
+    roundings), hence fast mode only. bf16 already goes to oneDNN through F.linear, and oneDNN has
+    no fp16 matmul on CPUs without fp16 arithmetic. Exact mode, autograd, other devices and dtypes:
+    F.linear."""
+
+    exact = False  # set by set_exact of the network that holds it
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.exact or not ONEDNN_LINEAR or _onednn_linear is None or x.device.type != "cpu"
+                or x.dtype != torch.float32 or not inference()):
+            return F.linear(x, self.weight, self.bias)
+        return _onednn_linear(x, self.weight, self.bias, "none", [], "")
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

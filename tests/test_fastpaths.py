@@ -211,3 +211,23 @@ def test_fast_mode_state_dict_is_contiguous_and_saves(models, tmp_path):
         save_file(state, str(tmp_path / f"{name}.safetensors"))  # refuses strided tensors
         back = load_file(str(tmp_path / f"{name}.safetensors"))
         assert all(torch.equal(back[k], v) for k, v in state.items()), name
+
+
+def test_linear_fast_path_only_in_fp32_cpu_inference():
+    import torch.nn.functional as F
+
+    lin = layers.Linear(64, 96)
+    x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(0))
+    want = F.linear(x, lin.weight, lin.bias)
+    with torch.enable_grad():  # autograd: plain F.linear, and gradients flow
+        y = lin(x)
+        assert torch.equal(y, want) and y.requires_grad
+    with torch.inference_mode():
+        fast = lin(x)
+        lin.exact = True
+        exact = lin(x)
+        lin.exact = False
+        half = lin.to(torch.bfloat16)(x.bfloat16())  # bf16: F.linear (oneDNN already)
+        assert torch.equal(half, F.linear(x.bfloat16(), lin.weight, lin.bias))
+    assert torch.equal(exact, want)
+    assert compare(want, fast).rel_l2 <= MAX_REL_L2
