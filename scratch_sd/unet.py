@@ -73,10 +73,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, time_dim: int, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.norm1 = layers.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_proj = nn.Linear(time_dim, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.norm2 = layers.GroupNorm(groups, cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -169,7 +169,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.linear = cfg.use_linear_projection
         proj = (lambda: nn.Linear(dim, dim)) if self.linear else (lambda: nn.Conv2d(dim, dim, 1))
-        self.norm = nn.GroupNorm(cfg.norm_groups, dim, eps=cfg.transformer_norm_eps)
+        self.norm = layers.GroupNorm(cfg.norm_groups, dim, eps=cfg.transformer_norm_eps)
         self.proj_in = proj()
         self.blocks = nn.ModuleList(TransformerBlock(dim, cfg.cross_attention_dim, heads) for _ in range(depth))
         self.proj_out = proj()
@@ -299,7 +299,7 @@ class UNet(layers.ExactOrFast, nn.Module):
             taken = [skips.pop() for _ in range(cfg.layers_per_block + 1)]
             self.up.append(UpLevel(cfg, level, widths[min(level + 1, n - 1)], taken, time_dim))
 
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
+        self.norm_out = layers.GroupNorm(cfg.norm_groups, widths[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
         self.set_exact(exact)
 

@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 
 # --------------------------------------------------------------------------- blocks
 def group_norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
+    return layers.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps)
 
 
 class ResnetBlock(nn.Module):

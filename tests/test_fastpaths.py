@@ -231,3 +231,28 @@ def test_linear_fast_path_only_in_fp32_cpu_inference():
         assert torch.equal(half, F.linear(x.bfloat16(), lin.weight, lin.bias))
     assert torch.equal(exact, want)
     assert compare(want, fast).rel_l2 <= MAX_REL_L2
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 96, 96), (2, 128, 32, 32)])
+def test_groupnorm_on_channels_last_fp32_keeps_nchw_accuracy(shape):
+    """Large mean against the spread (as activations after many layers): the native channels_last
+    kernel loses digits there (the gate caught it on the sd15 VAE encoder); ours must not."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    norm = layers.GroupNorm(32, shape[1], eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[1], generator=g))
+        norm.bias.copy_(torch.randn(shape[1], generator=g))
+    x = torch.randn(*shape, generator=g) * 0.5 + 3.0
+    truth = F.group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), 1e-6)
+    with torch.inference_mode():
+        nchw = norm(x)
+        nhwc = norm(x.contiguous(memory_format=torch.channels_last))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last)
+    rel = lambda y: ((y.double() - truth).norm() / truth.norm()).item()  # noqa: E731
+    assert rel(nhwc) <= 2 * rel(nchw) + 1e-7, (rel(nhwc), rel(nchw))
+    with torch.enable_grad():  # differentiable (training runs the fast mode too)
+        xg = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        norm(xg).square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
