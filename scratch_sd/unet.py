@@ -75,7 +75,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = layers.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_proj = nn.Linear(time_dim, cout)
+        self.time_proj = layers.Linear(time_dim, cout)
         self.norm2 = layers.GroupNorm(groups, cout, eps=eps)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
@@ -92,8 +92,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = layers.Linear(dim, 3 * dim, bias=False)
+        self.out = layers.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -104,9 +104,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        self.q = layers.Linear(dim, dim, bias=False)
+        self.kv = layers.Linear(context_dim, 2 * dim, bias=False)
+        self.out = layers.Linear(dim, dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         k, v = self.kv(context).chunk(2, dim=-1)
@@ -126,8 +126,8 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
-        self.out = nn.Linear(inner, dim)
+        self.proj = layers.Linear(dim, 2 * inner)
+        self.out = layers.Linear(inner, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         n = x.shape[:-1].numel()
@@ -168,7 +168,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, dim: int, cfg: UNetConfig, heads: int, depth: int):
         super().__init__()
         self.linear = cfg.use_linear_projection
-        proj = (lambda: nn.Linear(dim, dim)) if self.linear else (lambda: nn.Conv2d(dim, dim, 1))
+        proj = (lambda: layers.Linear(dim, dim)) if self.linear else (lambda: nn.Conv2d(dim, dim, 1))
         self.norm = layers.GroupNorm(cfg.norm_groups, dim, eps=cfg.transformer_norm_eps)
         self.proj_in = proj()
         self.blocks = nn.ModuleList(TransformerBlock(dim, cfg.cross_attention_dim, heads) for _ in range(depth))
@@ -285,7 +285,7 @@ class UNet(layers.ExactOrFast, nn.Module):
         self.cfg = cfg
         widths, n = cfg.block_out_channels, len(cfg.block_out_channels)
         time_dim = cfg.time_embed_dim
-        self.time_mlp = nn.Sequential(nn.Linear(widths[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.time_mlp = nn.Sequential(layers.Linear(widths[0], time_dim), nn.SiLU(), layers.Linear(time_dim, time_dim))
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
 
         skips = [widths[0]]  # channels of every skip tensor, in the order the down path makes them

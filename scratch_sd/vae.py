@@ -54,8 +54,8 @@ class SpatialSelfAttention(nn.Module):
     def __init__(self, cfg: VAEConfig, channels: int):
         super().__init__()
         self.norm = group_norm(cfg, channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.out = nn.Linear(channels, channels)
+        self.qkv = layers.Linear(channels, 3 * channels)
+        self.out = layers.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
