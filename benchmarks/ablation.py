@@ -106,9 +106,9 @@ def _call(impl: str, case: C.Case, net, inputs: dict):
 # --------------------------------------------------------------------------- memory child
 def child(spec: dict) -> None:
     """One impl's network alone: for each dtype (fp32 first), warm up once, then the peak of one call."""
-    from benchmarks.runner import _quiet_libraries
+    from parity.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(spec["threads"])
     cfg, net = _build(spec["preset"], spec["network"], spec["seed"], spec["impl"])
     out = {}
@@ -152,9 +152,9 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     clock = CpuClock()
-    from benchmarks.runner import _quiet_libraries
+    from parity.models import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     for component in components:
         network = C.NETWORKS_OF[component][0]
         cfg, ref = _build(args.preset, network, args.seed, "diffusers")

@@ -107,10 +107,10 @@ PREFIX = "SDPARITY-MEM "  # protocol lines on the child's stdout (anything else 
 def child_main(spec_json: str) -> int:
     """Build one implementation's networks, say "ready", wait for the case list on stdin, measure."""
     from benchmarks import cases as C
-    from benchmarks.runner import _quiet_libraries
+    from parity.models import quiet_libraries
     from benchmarks.workload import Workload
 
-    _quiet_libraries()
+    quiet_libraries()
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     if not hwm_reset_available():

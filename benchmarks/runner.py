@@ -229,14 +229,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-
-
 # --------------------------------------------------------------------------- the run
 def run(args) -> int:
     s = resolve(args)
@@ -310,9 +302,9 @@ def _run_cases(s, cases: list[C.Case], common: dict, meta: dict, out: Path) -> l
     from benchmarks.flops import measure_matmul_peak
     from benchmarks.timing import clock_for
     from benchmarks.workload import Workload
-    from parity.models import build_models
+    from parity.models import build_models, quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     clock = clock_for(s.device)
     networks = sorted({n for c in s.components for n in C.NETWORKS_OF[c]})
     memory = MemoryPhase(s, networks, meta)

@@ -20,14 +20,10 @@ IMPLS = ("scratch", "diffusers")
 
 @pytest.fixture(scope="module")
 def workload():
-    import diffusers
-    import transformers
-
     from benchmarks.workload import Workload
-    from parity.models import build_models
+    from parity.models import build_models, quiet_libraries
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
     models = build_models("tiny")
     work = Workload(models, "cpu", scheduler="ddim", steps=4)
     work.to("fp32")

@@ -354,23 +354,14 @@ def cpu_cannot(dtype: str, opts: Options, preset_name: str) -> str | None:
     return None
 
 
-def _quiet_libraries() -> None:
-    """diffusers warns on every `.to(dtype)` of a VAE; the report says what matters."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def run(args) -> int:
     from parity import report
-    from parity.models import build_models
+    from parity.models import build_models, quiet_libraries
 
     opts = parse_options(args)
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S")
-    _quiet_libraries()
+    quiet_libraries()
     models = None
     if set(opts.components) - {"train"}:  # the swap matrix needs all three networks, whatever is swapped
         _progress(opts, f"building {opts.model or opts.preset} ({', '.join(NETWORKS)})")

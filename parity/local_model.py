@@ -103,8 +103,9 @@ def _quiet():
     import diffusers
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    from parity.models import quiet_libraries
+
+    quiet_libraries()
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
 

@@ -18,6 +18,15 @@ from scratch_sd.loading import converter, sub_config  # noqa: F401 (re-exported 
 NETWORKS = ("text_encoder", "vae", "unet")
 
 
+def quiet_libraries() -> None:
+    """diffusers warns on every `.to(dtype)` of a VAE; our reports say what matters."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def scratch_from_reference(name: str, reference: nn.Module, cfg: SDConfig) -> nn.Module:
     """The scratch network holding the reference's weights, converted by the key table (strict)."""
     state = converter(name).from_diffusers(reference.state_dict(), sub_config(name, cfg))
