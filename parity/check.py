@@ -33,7 +33,7 @@ COLUMNS = ["run_id", "preset", "component", "dtype", "device", "scheduler", "ste
            "max_abs", "mean_abs", "rel_l2", "cosine_distance", "psnr_db", "atol", "rtol", "min_psnr_db", "passed",
            # added columns
            "mode", "case", "max_rel_l2", "scratch_rel_l2_vs_fp32", "diffusers_rel_l2_vs_fp32", "error_ratio",
-           "max_error_ratio", "status", "reason"]
+           "max_error_ratio", "status", "reason", "net_mode"]
 
 
 def add_parser(sub) -> None:
@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
     p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
+    p.add_argument("--exact", action="store_true",
+                   help="run the scratch networks in exact mode (NCHW, diffusers' kernels: bit-identical) "
+                        "instead of the default fast mode; rows say which in the net_mode column")
     p.add_argument("--tolerances", default=None, help="a tolerance TOML file replacing parity/tolerances.toml")
     p.add_argument("--out", default=None, help="run folder (default reports/check-<time>)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -75,6 +78,7 @@ class Options:
     out: Path
     plots: bool
     quiet: bool
+    exact: bool = False
 
 
 def _csv(value: str, allowed, what: str) -> list[str]:
@@ -133,7 +137,7 @@ def parse_options(args) -> Options:
     table = Table.load(args.tolerances)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("check-%Y%m%d-%H%M%S")
     return Options(args.preset, args.model, components, dtypes, args.device, schedulers, steps, size, args.seed,
-                   args.num_seeds, modes, table, out, not args.no_plots, args.quiet)
+                   args.num_seeds, modes, table, out, not args.no_plots, args.quiet, getattr(args, "exact", False))
 
 
 # --------------------------------------------------------------------------- rows
@@ -143,6 +147,7 @@ class Recorder:
     preset: str
     device: str
     table: Table
+    net_mode: str = "fast"  # the scratch networks' mode (layers.ExactOrFast): fast (default) or exact
     rows: list[dict] = field(default_factory=list)
     images: dict = field(default_factory=dict)  # (dtype, mode) -> {label: image tensor}
 
@@ -162,14 +167,15 @@ class Recorder:
                    scratch_rel_l2_vs_fp32=_blank(v.err_scratch_vs_fp32),
                    diffusers_rel_l2_vs_fp32=_blank(v.err_reference_vs_fp32), error_ratio=_blank(v.error_ratio),
                    max_error_ratio=_blank(tol.max_error_ratio if dtype != "fp32" else None), status="compared",
-                   reason=v.reason)
+                   reason=v.reason, net_mode=self.net_mode)
         self.rows.append(row)
         return row
 
     def skip(self, component: str, dtype: str, reason: str, mode="", scheduler="") -> None:
         row = {c: "" for c in COLUMNS}
         row.update(run_id=self.run_id, preset=self.preset, component=component, dtype=dtype, device=self.device,
-                   scheduler=scheduler, mode=mode, passed=True, status="skipped", reason=reason)
+                   scheduler=scheduler, mode=mode, passed=True, status="skipped", reason=reason,
+                   net_mode=self.net_mode)
         self.rows.append(row)
 
 
@@ -339,10 +345,10 @@ def check_training(rec: Recorder, opts: Options, dtype: str) -> None:
     from parity.train_check import run_train_checks
 
     _progress(opts, f"training step {dtype}: scratch vs diffusers UNet")
-    for r in run_train_checks(dtype, preset="tiny", seed=opts.seed, table=opts.table):
+    for r in run_train_checks(dtype, preset="tiny", seed=opts.seed, table=opts.table, exact=opts.exact):
         row = {c: "" for c in COLUMNS}
         row.update({k: v for k, v in r.items() if k in COLUMNS})
-        row.update(run_id=rec.run_id, preset="tiny")
+        row.update(run_id=rec.run_id, preset="tiny", net_mode=rec.net_mode)
         rec.rows.append(row)
 
 
@@ -366,13 +372,17 @@ def run(args) -> int:
     if set(opts.components) - {"train"}:  # the swap matrix needs all three networks, whatever is swapped
         _progress(opts, f"building {opts.model or opts.preset} ({', '.join(NETWORKS)})")
         models = build_models(opts.preset, opts.model, NETWORKS, seed=opts.seed)
+        for pair in models.pairs.values():
+            if hasattr(pair.scratch, "set_exact"):
+                pair.scratch.set_exact(opts.exact)
     preset_name = models.cfg.name if models else opts.preset
+    net_mode = "exact" if opts.exact else "fast"
     rec = Recorder(run_id, preset_name if not opts.model else f"model:{Path(opts.model).name}", opts.device,
-                   opts.table)
+                   opts.table, net_mode)
     cache: dict = {}  # fp32 truths and traced pipeline runs, shared by the sections below
     if models and any(d != "fp32" for d in opts.dtypes) and "fp32" not in opts.dtypes:
         # low precision is judged against fp32: compute the networks' fp32 outputs first, unjudged
-        check_networks(Recorder(run_id, rec.preset, opts.device, opts.table), opts, models, "fp32", cache)
+        check_networks(Recorder(run_id, rec.preset, opts.device, opts.table, net_mode), opts, models, "fp32", cache)
     for dtype in sorted(opts.dtypes, key=list(DTYPES).index):  # fp32 first: it is the truth
         reason = cpu_cannot(dtype, opts, preset_name)
         if reason:

@@ -75,7 +75,8 @@ def summary_markdown(rec, opts, elapsed: float) -> str:
     lines = [f"# sdparity check — {rec.preset}", "",
              f"run `{rec.run_id}`, device {rec.device} ({platform.processor() or platform.machine()}), "
              f"torch {torch.__version__}, {elapsed:.1f} s; schedulers {', '.join(opts.schedulers)}, "
-             f"{opts.steps} steps, {opts.size}px, seed {opts.seed}; tolerances {opts.table.source}", "",
+             f"{opts.steps} steps, {opts.size}px, seed {opts.seed}; tolerances {opts.table.source}; "
+             f"scratch networks in {rec.net_mode} mode", "",
              "## Pass/fail matrix (worst numbers over every compared tensor)", "",
              "Each cell: verdict, passed/compared, worst max_abs, worst rel_l2, lowest PSNR; for fp16/bf16 also "
              "the worst ratio of scratch's error to diffusers' own error against fp32.", "",

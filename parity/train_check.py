@@ -182,14 +182,14 @@ def _grad_rows(table, dtype, ref_grads, our_grads, case, truth_grads, preset) ->
 
 
 # --------------------------------------------------------------------------- the check
-def _models(preset: str, seed: int):
+def _models(preset: str, seed: int, exact: bool = False):
     from parity import zoo
     from parity.models import scratch_from_reference
     from scratch_sd.config import preset as make_preset
 
     cfg = make_preset(preset)
     reference = zoo.reference_unet(cfg, seed)
-    scratch = scratch_from_reference("unet", reference, cfg)
+    scratch = scratch_from_reference("unet", reference, cfg).set_exact(exact)
     return cfg, reference.train(), scratch.train()
 
 
@@ -265,16 +265,17 @@ def _rows(prediction_type: str, dtype: str, table: Table, ref: dict, ours: dict,
 
 
 def run_train_checks(dtype: str = "fp32", preset: str = "tiny", seed: int = 0, table: Table | None = None,
-                     prediction_types=PREDICTION_TYPES) -> list[dict]:
+                     prediction_types=PREDICTION_TYPES, exact: bool = False) -> list[dict]:
     """parity.csv-style rows (component "train") for the training step at `dtype`.
 
     fp32: scratch against diffusers directly. bf16/fp16: both sides autocast; each is compared
-    with diffusers' fp32 run (the truth) by parity.tolerances' error-ratio rule.
+    with diffusers' fp32 run (the truth) by parity.tolerances' error-ratio rule. `exact`: the scratch
+    UNet's mode (layers.ExactOrFast; default fast).
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
     table = table or Table.load()
-    cfg, reference, scratch = _models(preset, seed)
+    cfg, reference, scratch = _models(preset, seed, exact)
     rows = []
     for prediction_type in prediction_types:
         truth = None

@@ -8,7 +8,6 @@ import dataclasses
 import math
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from parity import cli
@@ -96,6 +95,23 @@ def test_fp32_network_parity_is_within_issue_bar(tiny_run):
     for r in _rows(out / "parity.csv"):
         if r["dtype"] == "fp32" and r["mode"] == "direct":
             assert float(r["rel_l2"]) <= 1e-5 and float(r["psnr_db"]) >= 90, r
+
+
+def test_exact_mode_gate_is_bit_identical_and_labelled(tiny_run, tmp_path):
+    """`check --exact` gates the exact mode under its own label: every direct network row is bit-identical
+    to diffusers (max_abs 0). The default run is labelled fast, and there the UNet does move (channels_last
+    and oneDNN kernels round differently), which is why both modes are reported."""
+    out = tmp_path / "exact"
+    assert cli.main(["check", "--exact", "--components", "text_encoder,vae,unet", "--num-seeds", "1",
+                     "--steps", "2", "--modes", "txt2img", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    rows = [r for r in _rows(out / "parity.csv") if r["status"] == "compared"]
+    direct = [r for r in rows if r["mode"] == "direct"]
+    assert {r["component"] for r in direct} == {"text_encoder", "vae", "unet"}
+    assert all(float(r["max_abs"]) == 0.0 for r in direct), [r for r in direct if float(r["max_abs"])][:3]
+    assert {r["net_mode"] for r in rows} == {"exact"} and "exact mode" in (out / "summary.md").read_text()
+    fast = [r for r in _rows(tiny_run[1] / "parity.csv") if r["status"] == "compared"]
+    assert {r["net_mode"] for r in fast if r["component"] != "scheduler"} == {"fast"}
+    assert any(float(r["max_abs"]) > 0 for r in fast if r["mode"] == "direct" and r["component"] == "unet")
 
 
 def test_same_check_twice_gives_identical_numbers(tmp_path):
