@@ -45,6 +45,17 @@ def add(h: Tensor, x: Tensor, h_first: bool = True) -> Tensor:
     return h + x if h_first else x + h
 
 
+def take(x: Tensor | list[Tensor]) -> tuple[Tensor, bool]:
+    """A block's input and whether the block owns it. A caller that will not use its input again
+    hands it over in a one-element list (`x = [block(x)]` with x a list): the block pops the
+    caller's only reference, so it may free the input as soon as it is done with it, or overwrite
+    it in inference, instead of holding it until it returns (Module.__call__ keeps its arguments
+    alive until then). A plain tensor stays the caller's: never overwritten."""
+    if isinstance(x, list):
+        return x.pop(), True
+    return x, False
+
+
 def _one_layout(h: Tensor) -> bool:
     if h.dim() != 4:
         return h.is_contiguous()
@@ -124,13 +135,14 @@ class Linear(nn.Linear):
     small row counts here (measured: benchmarks/ablation.py). It sums in another order (other fp32
     roundings), hence fast mode only. bf16 already goes to oneDNN through F.linear, and oneDNN has
     no fp16 matmul on CPUs without fp16 arithmetic. Exact mode, autograd, other devices and dtypes:
-    F.linear."""
+    F.linear. So is a trace by torch.compile (scratch_sd.accel): inductor's lowering of this op
+    wants a frozen constant weight (it asserts otherwise), and it picks its own kernel anyway."""
 
     exact = False  # set by set_exact of the network that holds it
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.exact or not ONEDNN_LINEAR or _onednn_linear is None or x.device.type != "cpu"
-                or x.dtype != torch.float32 or not inference()):
+                or x.dtype != torch.float32 or not inference() or torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
         return _onednn_linear(x, self.weight, self.bias, "none", [], "")
 
@@ -143,9 +155,13 @@ class GroupNorm(nn.GroupNorm):
     against 2.2e-7 for NCHW), and the parity gate caught it (sd15 VAE encode, rel_l2 1.06e-5 >
     1e-5). For that case the statistics come from torch.var_mean (Welford, accurate) over a view
     of the NHWC memory, and the output is one fused scale-and-shift. bf16/fp16 keep the native
-    kernel: it accumulates in fp32, far below their own rounding."""
+    kernel: it accumulates in fp32, far below their own rounding.
 
-    def forward(self, x: Tensor) -> Tensor:
+    `overwrite=True` says x is a fresh intermediate its caller no longer needs: in inference the
+    accurate path then writes the result into x (the same fused op, so the same bits), which saves
+    one activation-sized buffer at a resnet's second norm. The native path ignores it."""
+
+    def forward(self, x: Tensor, overwrite: bool = False) -> Tensor:
         if x.dtype != torch.float32 or x.dim() != 4 or x.is_contiguous() \
                 or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)
@@ -158,7 +174,8 @@ class GroupNorm(nn.GroupNorm):
         shift = -mean[:, :, None] * scale
         if self.affine:
             shift = shift + self.bias.view(g, c // g)
-        return torch.addcmul(shift.reshape(b, c, 1, 1), x, scale.reshape(b, c, 1, 1))
+        out = x if overwrite and inplace() and not torch.compiler.is_compiling() else None
+        return torch.addcmul(shift.reshape(b, c, 1, 1), x, scale.reshape(b, c, 1, 1), out=out)
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -84,7 +84,7 @@ class ResBlock(nn.Module):
         """`emb` is the time embedding after SiLU (shared by every block)."""
         h = self.conv1(layers.silu(self.norm1(x)))
         h = layers.add(h, self.time_proj(emb)[:, :, None, None])
-        h = self.conv2(layers.silu(self.norm2(h)))
+        h = self.conv2(layers.silu(self.norm2(h, overwrite=True)))
         return layers.add(h, x if self.skip is None else self.skip(x), h_first=False)
 
 

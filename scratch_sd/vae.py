@@ -38,10 +38,17 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(layers.silu(self.norm1(x)))
-        h = self.conv2(layers.silu(self.norm2(h)))  # (dropout is 0 in SD)
-        return layers.add(h, x if self.skip is None else self.skip(x), h_first=False)
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        """x: a tensor, or a one-element list handing it over (layers.take). An input handed over
+        to a block with a shortcut conv is normalised in place and freed after the first conv, so
+        the widest activation of a level change is not held through the whole block."""
+        x, owned = layers.take(x)
+        residual = x if self.skip is None else self.skip(x)  # the shortcut first: then x is free
+        h = layers.silu(self.norm1(x, overwrite=owned and self.skip is not None))
+        del x
+        h = self.conv1(h)
+        h = self.conv2(layers.silu(self.norm2(h, overwrite=True)))  # (dropout is 0 in SD)
+        return layers.add(h, residual, h_first=False)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -72,8 +79,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        return self.conv(F.pad(layers.take(x)[0], (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
 
 class Upsample(nn.Module):
@@ -85,8 +92,8 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        return self.conv(F.interpolate(layers.take(x)[0], scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class MidBlock(nn.Module):
@@ -113,14 +120,13 @@ class Level(nn.Module):
         self.downsample = Downsample(c_out) if resample == "down" else None
         self.upsample = Upsample(c_out) if resample == "up" else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.res:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
+        """x: a tensor or a one-element list handing it over; each block's output is handed over
+        to the next block the same way (layers.take)."""
+        for block in (*self.res, self.downsample, self.upsample):
+            if block is not None:
+                x = [block(x)]
+        return layers.take(x)[0]
 
 
 # --------------------------------------------------------------------------- encoder / decoder
@@ -140,11 +146,11 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_in(x)
+        x = [self.conv_in(x)]  # handed from level to level (layers.take): each frees its input early
         for level in self.down:
-            x = level(x)
-        x = self.mid(x)
-        return self.conv_out(layers.silu(self.norm_out(x)))
+            x = [level(x)]
+        x = self.mid(x.pop())
+        return self.conv_out(layers.silu(self.norm_out(x, overwrite=True)))
 
 
 class Decoder(nn.Module):
@@ -164,10 +170,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        x = self.mid(self.conv_in(z))
+        x = [self.mid(self.conv_in(z))]  # handed from level to level (layers.take): each frees its input early
         for level in self.up:
-            x = level(x)
-        return self.conv_out(layers.silu(self.norm_out(x)))
+            x = [level(x)]
+        return self.conv_out(layers.silu(self.norm_out(x.pop(), overwrite=True)))
 
 
 # --------------------------------------------------------------------------- posterior

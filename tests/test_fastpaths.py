@@ -258,3 +258,36 @@ def test_groupnorm_on_channels_last_fp32_keeps_nchw_accuracy(shape):
         xg = x.contiguous(memory_format=torch.channels_last).requires_grad_()
         norm(xg).square().sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shortcut", [True, False], ids=["shortcut", "identity"])
+def test_vae_level_frees_a_handed_over_input_early(models, dtype, shortcut):
+    """A level input handed over in a list (layers.take) is gone before the level's second resnet
+    starts (with a shortcut conv: after the first conv, having been normalised in place); a plain
+    tensor input is the caller's: kept and never written. Both give the same bits."""
+    import weakref
+
+    vae = models.pairs["vae"].scratch
+    _set(models, exact=False, dtype=dtype)
+    level = next(lv for lv in vae.decoder.up if (lv.res[0].skip is not None) == shortcut)
+    c_in = level.res[0].norm1.num_channels
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, c_in, 8, 8, generator=g).to(dtype).contiguous(memory_format=torch.channels_last) + 2.0
+    x0 = x.clone()
+    ref = weakref.ref(x)
+    alive_at_res1 = []
+    hook = level.res[1].register_forward_pre_hook(lambda m, a: alive_at_res1.append(ref() is not None))
+    try:
+        with torch.inference_mode():
+            kept = level(x)  # not handed over
+            assert torch.equal(x, x0)
+            box = [x]
+            del x
+            handed = level(box)
+    finally:
+        hook.remove()
+        _set(models, exact=False)
+    assert alive_at_res1 == [True, False]
+    assert box == [] and ref() is None
+    assert torch.equal(kept, handed)

@@ -56,10 +56,10 @@ def _conv(ours: str, diffusers: str, ldm: str) -> Layer:
 
 
 def _resnet(ours: str, diffusers: str, ldm: str, shortcut: bool) -> Iterator[Step]:
+    if shortcut:  # the scratch block runs its shortcut first (to free its input early)
+        yield _conv(f"{ours}.skip", f"{diffusers}.conv_shortcut", f"{ldm}.nin_shortcut")
     for name in ("norm1", "conv1", "norm2", "conv2"):
         yield _conv(f"{ours}.{name}", f"{diffusers}.{name}", f"{ldm}.{name}")
-    if shortcut:
-        yield _conv(f"{ours}.skip", f"{diffusers}.conv_shortcut", f"{ldm}.nin_shortcut")
     yield Block(ours, diffusers)
 
 
