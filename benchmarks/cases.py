@@ -14,7 +14,9 @@ Implementations:
 - diffusers          the reference modules (transformers CLIPTextModel, diffusers AutoencoderKL /
                      UNet2DConditionModel / schedulers / StableDiffusionPipeline)
 - scratch            the scratch_sd modules with the same weights; ScratchPipeline for the pipeline
-- scratch_compiled   torch.compile of the scratch network call (networks only)
+- scratch_compiled   torch.compile of the scratch network call (networks only; scratch_sd.accel)
+- scratch_cudagraph  the scratch network call as a CUDA graph, replayed (networks only, CUDA only;
+                     scratch_sd.accel.CudaGraphRunner)
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from typing import Callable
 import torch
 
 COMPONENTS = ("text_encoder", "unet", "vae_decode", "vae_encode", "scheduler_step", "pipeline")
-IMPLS = ("scratch", "diffusers", "scratch_compiled")
+IMPLS = ("scratch", "diffusers", "scratch_compiled", "scratch_cudagraph")
+# The scratch networks wrapped by scratch_sd.accel: their first call compiles or captures.
+ACCELERATED = ("scratch_compiled", "scratch_cudagraph")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Networks each component needs.
 NETWORKS_OF = {"text_encoder": ("text_encoder",), "unet": ("unet",), "vae_decode": ("vae",),

@@ -343,7 +343,7 @@ def _run_case(s, work, case: C.Case, common: dict, meta: dict, clock, counter: s
     rows, calls, gflops = {}, {}, {}
     for impl in s.impls:
         base = dict(matmul_peak_gflops=peak, clock=clock.name)
-        why = unsupported(case, impl)
+        why = unsupported(case, impl, s.device)
         if why is None:
             try:
                 gflops[impl] = work.gflop(case, impl)
@@ -365,7 +365,7 @@ def _run_case(s, work, case: C.Case, common: dict, meta: dict, clock, counter: s
     if calls:
         start = time.perf_counter()
         try:
-            first = _first_calls(calls, clock) if warmup or "scratch_compiled" in calls else {}
+            first = _first_calls(calls, clock) if warmup or any(i in calls for i in C.ACCELERATED) else {}
             with torch.inference_mode():
                 times = interleaved({i: c.fn for i, c in calls.items()}, max(warmup - 1, 0), repeats, clock)
         except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
@@ -383,7 +383,10 @@ def _run_case(s, work, case: C.Case, common: dict, meta: dict, clock, counter: s
                 row["peak_fraction"] = row["achieved_gflops"] / peak
             if call.stage_timers:
                 row["stages"] = _stage_summary(call, times[impl], repeats)
-            if s.device == "cuda":
+            if s.device == "cuda" and impl == "scratch_cudagraph":
+                row.update(mem_method="not measured: a replay allocates only its output copy; the graph's "
+                                      "memory pool, allocated at capture, is already resident before the call")
+            elif s.device == "cuda":
                 with torch.inference_mode():
                     row.update(peak_mem_mb=memory.cuda_peak_mb(call.fn), mem_method=memory.METHOD_CUDA)
             row["_ms"] = ms
@@ -471,7 +474,7 @@ class MemoryPhase:
         self.s, self.meta, self.workers = s, meta, {}
         self.enabled = s.device == "cpu" and s.memory == "subprocess"
         self.preload = self.enabled and s.model is None and s.preset == "tiny"
-        impls = [i for i in s.impls if i != "scratch_compiled"]
+        impls = [i for i in s.impls if i not in C.ACCELERATED]  # CPU memory: the eager networks' working set
         self.specs = [dict(preset=s.preset, model=s.model, seed=s.seed, impl=i, networks=networks,
                            scheduler=s.scheduler, steps=s.steps, threads=torch.get_num_threads(),
                            warmup=s.memory_warmup) for i in impls]

@@ -15,6 +15,7 @@ from torch import nn
 
 from benchmarks import cases as C
 from benchmarks.flops import count_gflop, meta_clone
+from scratch_sd import accel
 
 
 @dataclass
@@ -25,10 +26,13 @@ class Call:
     unet_calls: int = 0  # pipeline: UNet calls per pipeline call
 
 
-def unsupported(case: C.Case, impl: str) -> str | None:
-    """Why (case, impl) is not a meaningful case, or None."""
-    if impl == "scratch_compiled" and case.component in ("scheduler_step", "pipeline"):
-        return "scratch_compiled compiles the networks only (text_encoder, unet, vae_decode, vae_encode)"
+def unsupported(case: C.Case, impl: str, device: str = "cpu") -> str | None:
+    """Why (case, impl) is not a meaningful case on `device`, or None."""
+    if impl == "scratch_cudagraph" and torch.device(device).type != "cuda":
+        return "scratch_cudagraph replays CUDA graphs: a CUDA case (--device cuda)"
+    if impl in C.ACCELERATED and case.component in ("scheduler_step", "pipeline"):
+        what = "compiles" if impl == "scratch_compiled" else "graphs"
+        return f"{impl} {what} the networks only (text_encoder, unet, vae_decode, vae_encode)"
     return None
 
 
@@ -37,7 +41,7 @@ class Workload:
         self.models, self.cfg, self.device = models, models.cfg, torch.device(device)
         self.scheduler_name, self.steps, self.clock = scheduler, steps, clock
         self.dtype: str | None = None
-        self._compiled: dict = {}
+        self._accelerated: dict = {}  # (impl, component) -> the compiled / graphed network call
         self._meta: dict = {}  # (impl, network) -> meta copy, for counting FLOPs
         self._gflop: dict = {}
 
@@ -55,7 +59,7 @@ class Workload:
                 if module is not None:
                     module.to(device=self.device, dtype=C.DTYPES[dtype])
         self.dtype = dtype
-        self._compiled.clear()
+        self._accelerated.clear()  # compiled code guards on the dtype; CUDA graphs hold the old weights' addresses
 
     def weights_mb(self, case: C.Case, impl: str) -> float:
         nets = self.nets(impl)
@@ -72,20 +76,24 @@ class Workload:
         if case.component == "pipeline":
             return self._pipeline_call(case, impl)
         inputs = C.make_inputs(case, self.cfg, self.device)
-        if impl == "scratch_compiled":
-            return Call(self._compiled_fn(case, inputs))
+        if impl in C.ACCELERATED:
+            return Call(self._accelerated_fn(case, impl, inputs))
         return Call(C.network_call(case.component, impl, self.nets(impl), inputs))
 
-    def _compiled_fn(self, case: C.Case, inputs: dict) -> Callable[[], object]:
-        key = case.component
-        if key not in self._compiled:
+    def _accelerated_fn(self, case: C.Case, impl: str, inputs: dict) -> Callable[[], object]:
+        """The scratch network call through scratch_sd.accel: torch.compile (dynamic=False: one
+        compilation per shape) or a CUDA graph (one capture per shape); the first call pays it."""
+        key = (impl, case.component)
+        if key not in self._accelerated:
             nets = self.nets("scratch")
 
             def network(**kw):
                 return C.network_call(case.component, "scratch", nets, kw)()
 
-            self._compiled[key] = torch.compile(network, dynamic=False)
-        fn = self._compiled[key]
+            wrap = accel.accelerator(compile=impl == "scratch_compiled", cuda_graphs=impl == "scratch_cudagraph",
+                                     device=self.device)
+            self._accelerated[key] = wrap(network)
+        fn = self._accelerated[key]
         return lambda: fn(**inputs)
 
     def _scheduler_call(self, case: C.Case, impl: str) -> Call:
@@ -117,7 +125,7 @@ class Workload:
     # ---- work
     def gflop(self, case: C.Case, impl: str) -> float | None:
         """GFLOP of one call, counted on meta copies (None: nothing countable, scheduler_step)."""
-        impl = "scratch" if impl == "scratch_compiled" else impl
+        impl = "scratch" if impl in C.ACCELERATED else impl  # the same network, the same work
         if case.component == "scheduler_step":
             return None
         if case.component == "pipeline":

@@ -2,6 +2,11 @@
 or diffusers' — or both (`--compare`): side by side with a difference heat map, PSNR and max_abs.
 
     sdparity generate --prompt "a red fox" --preset tiny --steps 4 --compare --out fox.png
+    sdparity generate --prompt "a red fox" --model PATH --device cuda --cuda-graphs --out fox.png
+
+`--compile [MODE]` and `--cuda-graphs` accelerate the scratch pipeline's UNet call
+(ScratchPipeline.accelerate, scratch_sd/accel.py); with --compare they are checked against
+diffusers' eager pipeline.
 
 Also the one place that builds both pipelines on the same weights (the tests use it):
 `pipelines(models, scheduler)` -> (ScratchPipeline, diffusers StableDiffusionPipeline), with the
@@ -17,6 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from scratch_sd import accel
 from scratch_sd.pipeline import PIPELINE_SCHEDULERS, ScratchPipeline, load_image, make_scheduler
 
 # The bar of issue 5: final images in [0, 1] pixel units, fp32 on CPU.
@@ -96,6 +102,16 @@ def _request(args) -> dict:
     return request
 
 
+def _on_device(pipe, args):
+    """The pipeline on --device (moved only off the CPU), the scratch one accelerated as asked."""
+    if args.device != "cpu":
+        pipe.to(args.device)
+    if isinstance(pipe, ScratchPipeline):
+        pipe.accelerate(compile=args.compile is not None, compile_mode=args.compile or "default",
+                        cuda_graphs=args.cuda_graphs)
+    return pipe
+
+
 def run_scratch(pipe: ScratchPipeline, request: dict, seed: int, progress: bool) -> np.ndarray:
     generator = torch.Generator().manual_seed(seed)
     return pipe(**request, generator=generator, output_type="np", progress=progress).images
@@ -122,6 +138,16 @@ def _validate(args) -> None:
                    (args.negative_prompt * len(args.prompt) if len(args.negative_prompt) == 1 else args.negative_prompt))
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.cuda_graphs and args.device != "cuda":
+        raise UsageError(f"--cuda-graphs needs --device cuda (CUDA graphs replay GPU kernels), got --device "
+                         f"{args.device}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available to this torch build")
+    if (args.compile is not None or args.cuda_graphs) and args.impl == "diffusers" and not args.compare:
+        raise UsageError("--compile and --cuda-graphs accelerate the scratch pipeline: use --impl scratch or --compare")
+    if args.compile is not None and args.cuda_graphs and accel.mode_uses_cuda_graphs(args.compile):
+        raise UsageError(f"--compile {args.compile} runs inductor's own CUDA graphs; with --cuda-graphs use "
+                         "--compile default or max-autotune-no-cudagraphs")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
     if args.height is not None or args.width is not None:
@@ -150,20 +176,21 @@ def generate(args) -> tuple[dict[str, np.ndarray], str]:
     if args.model is not None:
         path = Path(args.model)
         if "scratch" in impls:
-            out["scratch"] = run_scratch(ScratchPipeline.from_pretrained(path, scheduler=args.scheduler), request,
-                                         args.seed, progress)
+            out["scratch"] = run_scratch(_on_device(ScratchPipeline.from_pretrained(path, scheduler=args.scheduler),
+                                                    args), request, args.seed, progress)
         if "diffusers" in impls:
-            out["diffusers"] = run_diffusers(_diffusers_from_folder(path, args.scheduler, img2img), request,
-                                             args.seed, progress)
+            out["diffusers"] = run_diffusers(_on_device(_diffusers_from_folder(path, args.scheduler, img2img), args),
+                                             request, args.seed, progress)
         return out, str(path)
     from parity.models import build_models
 
     models = build_models(args.preset, seed=args.model_seed)
     if "scratch" in impls:
-        out["scratch"] = run_scratch(scratch_pipeline(models, args.scheduler), request, args.seed, progress)
+        out["scratch"] = run_scratch(_on_device(scratch_pipeline(models, args.scheduler), args), request, args.seed,
+                                     progress)
     if "diffusers" in impls:
-        out["diffusers"] = run_diffusers(diffusers_pipeline(models, args.scheduler, img2img), request, args.seed,
-                                         progress)
+        out["diffusers"] = run_diffusers(_on_device(diffusers_pipeline(models, args.scheduler, img2img), args),
+                                         request, args.seed, progress)
     return out, f"preset {args.preset}"
 
 
@@ -230,6 +257,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="run both implementations; write scratch | diffusers | difference map; print PSNR, max_abs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the networks run (default cpu; "
+                                                                           "noise is drawn on the CPU either way)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=accel.compile_modes(),
+                   metavar="MODE", help="torch.compile the scratch UNet call (MODE: one of "
+                                        f"{', '.join(accel.compile_modes())}; default 'default')")
+    p.add_argument("--cuda-graphs", action="store_true", help="run the scratch UNet call as CUDA graphs "
+                                                              "(needs --device cuda)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG (written atomically)")
     p.set_defaults(func=run)
     return p
@@ -243,7 +277,7 @@ def run(args) -> int:
     if not args.compare:
         picture = grid([list(images[args.impl])])
         save_png(picture, args.out)
-        print(f"wrote {args.out} ({len(images[args.impl])} image(s), {args.impl}, {source})")
+        print(f"wrote {args.out} ({len(images[args.impl])} image(s), {args.impl}{_accel_label(args)}, {source})")
         return 0
     from parity.metrics import compare
 
@@ -253,7 +287,8 @@ def run(args) -> int:
     mode = f"img2img strength {args.strength}" if args.init_image else "txt2img"
     print(f"scratch vs diffusers: {source}, {mode}, scheduler {args.scheduler}, {args.steps} steps, "
           f"guidance {args.guidance_scale}, seed {args.seed}, {len(scratch)} image(s) "
-          f"{scratch.shape[2]}x{scratch.shape[1]}, fp32 cpu")
+          f"{scratch.shape[2]}x{scratch.shape[1]}, fp32 {args.device}"
+          + (f", scratch{_accel_label(args)}" if _accel_label(args) else ""))
     for i, (s, r) in enumerate(zip(scratch, reference)):
         e = compare(torch.from_numpy(r), torch.from_numpy(s))
         print(f"  image {i}: PSNR {e.psnr_db:.1f} dB  max_abs {e.max_abs:.3g}  mean_abs {e.mean_abs:.3g}")
@@ -263,6 +298,15 @@ def run(args) -> int:
           f"(bar: PSNR >= {MIN_PSNR_DB:g} dB, max_abs <= {MAX_ABS:g})  {'PASS' if ok else 'FAIL'}")
     print(f"wrote {args.out} (rows: scratch | diffusers | |difference|, white = {scale:.3g})")
     return 0 if ok else 1
+
+
+def _accel_label(args) -> str:
+    parts = []
+    if args.compile is not None:
+        parts.append(f"compile {args.compile}")
+    if args.cuda_graphs:
+        parts.append("cuda graphs")
+    return f" with {' + '.join(parts)}" if parts else ""  # "scratch with compile default + cuda graphs"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,7 +40,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from scratch_sd import layers
+from scratch_sd import accel, layers
 from scratch_sd.config import SDConfig
 from scratch_sd.loading import load_network, load_sd_config, read_json as _read_json
 
@@ -211,6 +211,9 @@ class ScratchPipeline:
         self.tokenizer, self.cfg = tokenizer, cfg
         self.scheduler = sd_scheduler_fixes(scheduler)
         self.vae_scale_factor = cfg.vae.downsample_factor
+        # Set by accelerate(): wrappers of the UNet call and the VAE decode; None calls the network.
+        self._unet_call: Callable | None = None
+        self._decode_call: Callable | None = None
 
     # ---- construction
     @classmethod
@@ -258,6 +261,24 @@ class ScratchPipeline:
     def to(self, device=None, dtype=None) -> "ScratchPipeline":
         for net in (self.text_encoder, self.vae, self.unet):
             net.to(device=device, dtype=dtype)
+        for call in (self._unet_call, self._decode_call):
+            if isinstance(call, accel.CudaGraphRunner):
+                call.reset()  # its graphs read the weights where they were
+        return self
+
+    def accelerate(self, *, compile: bool = False, compile_mode: str = "default", cuda_graphs: bool = False,
+                   vae_decode: bool = False, graph_backend: accel.CudaBackend | None = None) -> "ScratchPipeline":
+        """Opt-in speed-ups of the UNet call in `denoise` (and, with vae_decode=True, of `decode`):
+        torch.compile (`compile_mode` one of accel.compile_modes()) and/or CUDA graphs (the pipeline
+        must be on CUDA; one graph per batch and latent size, replayed every step). The networks are
+        not changed; `accelerate()` with no options goes back to the plain calls (the default, whose
+        output is exactly that of a pipeline never accelerated). `graph_backend` replaces the CUDA
+        calls of the graphs (tests run them on the CPU with a fake). See scratch_sd/accel.py."""
+        wrap = accel.accelerator(compile=compile, compile_mode=compile_mode, cuda_graphs=cuda_graphs,
+                                 device=self.device, backend=graph_backend)  # checks the options first
+        on = compile or cuda_graphs
+        self._unet_call = wrap(self.unet) if on else None
+        self._decode_call = wrap(self.vae.decode) if on and vae_decode else None
         return self
 
     @property
@@ -347,7 +368,7 @@ class ScratchPipeline:
         for i, t in enumerate(timesteps):
             x = torch.cat([latents] * 2) if guidance else latents
             x = self.scheduler.scale_model_input(x, t)
-            noise_pred = self.unet(x, t, context)
+            noise_pred = (self.unet if self._unet_call is None else self._unet_call)(x, t, context)
             if guidance:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
@@ -360,7 +381,8 @@ class ScratchPipeline:
 
     # ---- 5. decoding
     def decode(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents / self.cfg.vae.scaling_factor)
+        vae_decode = self.vae.decode if self._decode_call is None else self._decode_call
+        return vae_decode(latents / self.cfg.vae.scaling_factor)
 
     # ---- the call
     @torch.no_grad()

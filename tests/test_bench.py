@@ -31,7 +31,8 @@ def _rows(folder: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = main([*QUICK, "--out", str(out)])
+    # scratch_cudagraph is a CUDA case: on this CPU run its rows are skipped (with the reason), at no cost
+    rc = main([*QUICK, "--impls", "scratch,diffusers,scratch_cudagraph", "--out", str(out)])
     return rc, out
 
 
@@ -60,7 +61,8 @@ def test_csv_has_every_contract_column_and_one_row_per_case_and_impl(tiny_run):
     assert len(keys) == len(set(keys)), "duplicate case rows"
     assert {r["component"] for r in rows} == {"text_encoder", "unet", "vae_decode", "vae_encode", "scheduler_step",
                                              "pipeline"}
-    assert {r["impl"] for r in rows} == {"scratch", "diffusers"}
+    assert {r["impl"] for r in rows} == {"scratch", "diffusers", "scratch_cudagraph"}
+    assert {r["impl"] for r in rows if r["status"] == "ok"} == {"scratch", "diffusers"}
     assert {r["dtype"] for r in rows} == {"fp32", "bf16"}
     assert len({r["run_id"] for r in rows}) == 1
 
@@ -133,6 +135,17 @@ def test_sweeps_and_memory_are_recorded(tiny_run):
 
 
 # --------------------------------------------------------------------------- skipped rows
+def test_cudagraph_rows_are_skipped_on_the_cpu_with_the_reason(tiny_run):
+    rows = _rows(tiny_run[1])
+    graphed = [r for r in rows if r["impl"] == "scratch_cudagraph"]
+    case = lambda r: (r["component"], r["dtype"], r["batch_size"], r["resolution"])  # noqa: E731
+    assert sorted(map(case, graphed)) == sorted(case(r) for r in rows if r["impl"] == "scratch")  # a row per case
+    for r in graphed:
+        assert r["status"] == "skipped" and "a CUDA case (--device cuda)" in r["reason"], r
+        assert r["median_ms"] == "" and r["peak_mem_mb"] == ""  # no figure claimed
+    assert "scratch_cudagraph" in (tiny_run[1] / "summary.md").read_text()
+
+
 def test_skipped_rows_have_a_reason(tmp_path):
     out = tmp_path / "skip"
     rc = main(["bench", "--preset", "tiny", "--threads", "1", "--components", "scheduler_step", "--dtypes", "fp32",
