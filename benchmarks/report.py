@@ -70,6 +70,16 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _spread(row: dict) -> str:
+    lo, hi = row.get("ratio_p10"), row.get("ratio_p90")
+    return "-" if lo in (None, "") or hi in (None, "") else f"{float(lo):.3g}-{float(hi):.3g}"
+
+
+def _min_time(meta: dict) -> str:
+    t = meta.get("min_time_s") or 0
+    return f", and more rounds (up to 1000) until a case's timed calls add up to {t:g} s" if t else ""
+
+
 def main_table(rows: list[dict], impls: list[str]) -> str:
     main = [r for r in _ok(rows) if "main" in r["sweeps"].split(";")]
     groups = defaultdict(dict)
@@ -77,15 +87,16 @@ def main_table(rows: list[dict], impls: list[str]) -> str:
         groups[(r["component"], r["dtype"], r["batch_size"], r["resolution"])][r["impl"]] = r
     others = [i for i in impls if i != "diffusers"]
     header = ["component", "dtype", "batch", "res"] + [f"{i} ms" for i in impls] + \
-             [f"{i}/diffusers" for i in others] + ["GFLOP"] + [f"{i} GFLOP/s" for i in impls] + \
+             [f"{i}/diffusers" for i in others] + [f"{i}/diffusers p10-p90" for i in others] + ["rounds", "GFLOP"] + [f"{i} GFLOP/s" for i in impls] + \
              [f"{i} peak MiB" for i in impls]
     lines = []
     for (comp, dtype, batch, res), by in groups.items():
         line = [comp, dtype, str(batch), str(res or "-")]
         line += [_ms(by[i].get("median_ms")) if i in by else "-" for i in impls]
         line += [_num(by[i].get("ratio_vs_diffusers")) if i in by else "-" for i in others]
+        line += [_spread(by[i]) if i in by else "-" for i in others]
         any_row = next(iter(by.values()))
-        line += [_num(any_row.get("gflop"), 4)]
+        line += [str(any_row.get("repeats", "-")), _num(any_row.get("gflop"), 4)]
         line += [_num(by[i].get("achieved_gflops")) if i in by else "-" for i in impls]
         line += [_num(by[i].get("peak_mem_mb"), 4) if i in by else "-" for i in impls]
         lines.append(line)
@@ -147,7 +158,7 @@ def write_summary(rows: list[dict], meta: dict, path: Path) -> None:
 - preset `{meta['preset']}`, device `{meta['device']}` ({meta['device_name']}), torch threads: {meta['threads']}
 - torch {meta['torch_version']}, diffusers {meta['diffusers_version']}, git {meta['git_sha']}
 - started {meta['started']}, took {meta['elapsed_s']:.0f} s; 1-minute load average {meta['load_start']} at start, {meta['load_end']} at the end
-- warmup {meta['warmup']}, repeats {meta['repeats']} (sweep-only points: warmup {meta['sweep_warmup']}, repeats {meta['sweep_repeats']}; pipeline: warmup {meta['pipeline_warmup']}, repeats {meta['pipeline_repeats']}); impls interleaved A B A B per repeat
+- warmup {meta['warmup']}, repeats {meta['repeats']} (sweep-only points: warmup {meta['sweep_warmup']}, repeats {meta['sweep_repeats']}; pipeline: warmup {meta['pipeline_warmup']}, repeats {meta['pipeline_repeats']}){_min_time(meta)}; impls interleaved A B A B per repeat
 - pipeline and scheduler_step: scheduler `{meta['scheduler']}`, {meta['steps']} steps, guidance {meta['guidance']}
 - measured matmul peak: {peaks}
 - memory: {meta['mem_note']}

@@ -33,12 +33,13 @@ PRESET_DEFAULTS = {
     # tiny: whole run under a minute, every component and sweep exercised.
     "tiny": dict(warmup=1, repeats=5, sweep_warmup=1, sweep_repeats=3, pipeline_warmup=1, pipeline_repeats=5,
                  steps=4, resolutions="32,64,128", batch_sizes="1,2,4", batch_resolution=64, memory_scope="main",
-                 memory_warmup=1, memory_components=",".join(C.COMPONENTS)),
+                 memory_warmup=1, memory_components=",".join(C.COMPONENTS), min_time_s=0.2),
     # sd15: ~15 minutes on 2 CPU cores in fp32 + bf16 (see benchmarks/README_SECTION.md).
     # The pipeline's stages run at the main cases' shapes, which warmed them up already.
     "sd15": dict(warmup=1, repeats=3, sweep_warmup=0, sweep_repeats=2, pipeline_warmup=0, pipeline_repeats=2,
                  steps=2, resolutions="256,384,512", batch_sizes="1,2,4", batch_resolution=256, memory_scope="main",
-                 memory_warmup=0, memory_components="text_encoder,unet,vae_decode,vae_encode,scheduler_step"),
+                 memory_warmup=0, memory_components="text_encoder,unet,vae_decode,vae_encode,scheduler_step",
+                 min_time_s=5.0),  # the text encoder (~0.15 s a call) then gets ~15 rounds, not 3
 }
 DTYPE_ORDER = list(C.DTYPES)  # fp32, bf16, fp16: the in-place conversions stay exact in this order
 
@@ -68,6 +69,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sweep-components", default="unet", help="components the sweeps run on (comma list)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--min-time-s", type=float, default=None,
+                   help="more rounds than --repeats (up to 1000) until a case's timed calls add up to this many "
+                        "seconds (tiny 0.2, sd15 5; 0: exactly --repeats)")
     p.add_argument("--sweep-warmup", type=int, default=None)
     p.add_argument("--sweep-repeats", type=int, default=None)
     p.add_argument("--pipeline-warmup", type=int, default=None)
@@ -150,6 +154,9 @@ def resolve(args) -> argparse.Namespace:
         value = getattr(args, name)
         setattr(s, name, d[name] if value is None else value)
         _check_positive(getattr(s, name), f"--{name.replace('_', '-')}", zero_ok=name.endswith("warmup"))
+    s.min_time_s = d["min_time_s"] if args.min_time_s is None else args.min_time_s
+    if not s.min_time_s >= 0 or s.min_time_s == float("inf"):
+        raise _usage(f"--min-time-s must be a finite number >= 0, got {args.min_time_s}")
     s.memory_scope = args.memory_scope or d["memory_scope"]
     s.memory_components = _names(args.memory_components or d["memory_components"], C.COMPONENTS, "memory-components")
     if args.threads is not None:
@@ -255,7 +262,7 @@ def _run(s) -> int:
                   preset=s.preset if s.model is None else f"model:{s.model}", steps=s.steps, scheduler=s.scheduler)
     meta = dict(common, impls=s.impls, started=started, load_start=_load(), warmup=s.warmup, repeats=s.repeats,
                 sweep_warmup=s.sweep_warmup, sweep_repeats=s.sweep_repeats, pipeline_warmup=s.pipeline_warmup,
-                pipeline_repeats=s.pipeline_repeats, guidance=C.GUIDANCE_SCALE,
+                pipeline_repeats=s.pipeline_repeats, min_time_s=s.min_time_s, guidance=C.GUIDANCE_SCALE,
                 matmul_peak={}, mem_method="", mem_note="")
     cases = plan_cases(s)
     _progress(f"{len(cases)} cases x {len(s.impls)} impls on {s.device} ({common['device_name']}), "
@@ -367,7 +374,8 @@ def _run_case(s, work, case: C.Case, common: dict, meta: dict, clock, counter: s
         try:
             first = _first_calls(calls, clock) if warmup or any(i in calls for i in C.ACCELERATED) else {}
             with torch.inference_mode():
-                times = interleaved({i: c.fn for i, c in calls.items()}, max(warmup - 1, 0), repeats, clock)
+                times = interleaved({i: c.fn for i, c in calls.items()}, max(warmup - 1, 0), repeats, clock,
+                                    min_total_ms=s.min_time_s * 1e3)
         except Exception as exc:  # noqa: BLE001 - one failing case must not end the run
             for impl in calls:
                 rows[impl].update(status="error", reason=_one_line(exc))
@@ -376,13 +384,13 @@ def _run_case(s, work, case: C.Case, common: dict, meta: dict, clock, counter: s
         for impl, call in calls.items():
             ms = [t / call.units for t in times[impl]]
             row = rows[impl]
-            row.update(summarize(ms), min_ms=min(ms), max_ms=max(ms),
+            row.update(summarize(ms), repeats=len(ms), min_ms=min(ms), max_ms=max(ms),
                        first_call_ms=first.get(impl, 0) / call.units if impl in first else None)
             if row.get("gflop"):
                 row["achieved_gflops"] = row["gflop"] / (row["median_ms"] / 1e3)
                 row["peak_fraction"] = row["achieved_gflops"] / peak
             if call.stage_timers:
-                row["stages"] = _stage_summary(call, times[impl], repeats)
+                row["stages"] = _stage_summary(call, times[impl], len(ms))
             if s.device == "cuda" and impl == "scratch_cudagraph":
                 row.update(mem_method="not measured: a replay allocates only its output copy; the graph's "
                                       "memory pool, allocated at capture, is already resident before the call")

@@ -95,9 +95,13 @@ class StageTimer:
 
 
 def interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int, clock,
-                on_repeat: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+                on_repeat: Callable[[int], None] | None = None, min_total_ms: float = 0.0,
+                max_repeats: int = 1000) -> dict[str, list[float]]:
     """Time each impl's call `repeats` times, A B A B ..., after `warmup` interleaved untimed rounds.
 
+    With `min_total_ms`, rounds go on past `repeats` until the timed calls add up to at least that
+    (at most `max_repeats` rounds): a 100 ms call then gets tens of rounds, where three rounds
+    leave its median ratio at the mercy of one noisy round (timeit's and pytest-benchmark's rule).
     Returns impl -> list of ms (index r is repeat r for every impl, so pairs line up).
     """
     for _ in range(warmup):
@@ -105,11 +109,14 @@ def interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: in
             fn()
     clock.sync()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for r in range(repeats):
+    r, spent = 0, 0.0
+    while r < repeats or (spent < min_total_ms and r < max_repeats):
         for name, fn in calls.items():
             times[name].append(clock.time_ms(fn))
+            spent += times[name][-1]
         if on_repeat:
             on_repeat(r)
+        r += 1
     return times
 
 

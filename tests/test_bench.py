@@ -80,6 +80,45 @@ def test_ok_rows_have_consistent_statistics(tiny_run):
             assert math.isclose(float(r["peak_fraction"]), rate / float(r["matmul_peak_gflops"]), rel_tol=1e-3)
 
 
+def test_fast_cases_get_more_rounds_until_the_min_time(tiny_run):
+    """tiny's --min-time-s default (0.2 s): a case's timed rounds go past --repeats until its calls add
+    up to 0.2 s, so a millisecond call is not judged on three rounds."""
+    rows = [r for r in _rows(tiny_run[1]) if r["status"] == "ok"]
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["component"], r["dtype"], r["batch_size"], r["resolution"]), []).append(r)
+    for key, group in cases.items():
+        rounds = {int(r["repeats"]) for r in group}
+        assert len(rounds) == 1, key  # interleaved: every impl ran every round
+        n = rounds.pop()
+        assert n <= 1000
+        assert n >= (5 if group[0]["component"] == "pipeline" else 3 if "main" in group[0]["sweeps"] else 2), key
+        # the loop stopped only once the timed calls reached 0.2 s (each round is at most the sum of the maxima)
+        assert n == 1000 or n * sum(float(r["max_ms"]) for r in group) >= 200, key
+    te = cases[("text_encoder", "fp32", "2", "")]
+    assert int(te[0]["repeats"]) > 3, "a millisecond call should have been given more than --repeats rounds"
+    assert "add up to 0.2 s" in (tiny_run[1] / "summary.md").read_text()
+
+
+def test_interleaved_min_total_adds_rounds_and_stops_at_the_cap():
+    from benchmarks.timing import interleaved
+
+    class Clock:  # every call takes 10 ms
+        def time_ms(self, fn):
+            fn()
+            return 10.0
+
+        def sync(self):
+            pass
+
+    ran = []
+    calls = {"a": lambda: ran.append("a"), "b": lambda: ran.append("b")}
+    assert len(interleaved(calls, 0, 2, Clock(), min_total_ms=95)["a"]) == 5  # 5 rounds x 20 ms >= 95
+    assert len(interleaved(calls, 0, 8, Clock(), min_total_ms=95)["b"]) == 8  # --repeats already more
+    assert len(interleaved(calls, 0, 1, Clock(), min_total_ms=1e9, max_repeats=7)["a"]) == 7
+    assert len(interleaved(calls, 0, 3, Clock())["a"]) == 3  # no minimum: exactly the repeats
+
+
 def test_ratio_column_is_paired_against_diffusers(tiny_run):
     rows = [r for r in _rows(tiny_run[1]) if r["status"] == "ok"]
     by = {(r["component"], r["dtype"], r["batch_size"], r["resolution"], r["impl"]): r for r in rows}
@@ -198,6 +237,8 @@ def test_only_a_dtype_without_fast_arithmetic_is_skipped_as_too_slow():
     (["--resolution", "100"], "100 is not a positive multiple of 8"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--min-time-s", "-1"], "--min-time-s must be a finite number >= 0"),
+    (["--min-time-s", "nan"], "--min-time-s must be a finite number >= 0"),
     (["--scheduler", "heun"], "unknown scheduler 'heun'"),
 ])
 def test_bad_input_exits_2_with_one_line(extra, words, tmp_path, capsys):
