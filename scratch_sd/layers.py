@@ -157,12 +157,19 @@ class GroupNorm(nn.GroupNorm):
     of the NHWC memory, and the output is one fused scale-and-shift. bf16/fp16 keep the native
     kernel: it accumulates in fp32, far below their own rounding.
 
+    Exact mode keeps the native kernel for every input, channels_last included: diffusers' img2img
+    hands the UNet channels_last latents (its add_noise broadcasts a (B, 1, 1, 1) factor, which
+    counts as both layouts), so diffusers' own GroupNorms then take that kernel, and bit-identity
+    means taking it too (the accurate path differed by 5e-7 there).
+
     `overwrite=True` says x is a fresh intermediate its caller no longer needs: in inference the
     accurate path then writes the result into x (the same fused op, so the same bits), which saves
     one activation-sized buffer at a resnet's second norm. The native path ignores it."""
 
+    exact = False  # set by set_exact of the network that holds it
+
     def forward(self, x: Tensor, overwrite: bool = False) -> Tensor:
-        if x.dtype != torch.float32 or x.dim() != 4 or x.is_contiguous() \
+        if self.exact or x.dtype != torch.float32 or x.dim() != 4 or x.is_contiguous() \
                 or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)
         b, c, h, w = x.shape

@@ -69,7 +69,12 @@ class SpatialSelfAttention(nn.Module):
         t = self.norm(x.flatten(2)).transpose(1, 2)  # (B, H*W, C); normed as (B, C, H*W) like diffusers
         q, k, v = self.qkv(t).chunk(3, dim=-1)
         t = self.out(layers.attention(q, k, v, heads=1))  # (B, H*W, C)
-        return layers.add(layers.nchw_of_tokens(t, b, h, w, not self.exact), x, h_first=False)
+        if self.exact:
+            # diffusers' expression: the tokens' transposed view (channels_last strides) + the input.
+            # The view leads, so the sum comes out channels_last, and the GroupNorms and convs after
+            # it take their channels_last kernels in diffusers: exact mode must take the same ones.
+            return t.transpose(1, 2).reshape(b, c, h, w) + x
+        return layers.add(layers.nchw_of_tokens(t, b, h, w, True), x, h_first=False)
 
 
 class Downsample(nn.Module):

@@ -98,16 +98,20 @@ def test_fp32_network_parity_is_within_issue_bar(tiny_run):
 
 
 def test_exact_mode_gate_is_bit_identical_and_labelled(tiny_run, tmp_path):
-    """`check --exact` gates the exact mode under its own label: every direct network row is bit-identical
-    to diffusers (max_abs 0). The default run is labelled fast, and there the UNet does move (channels_last
-    and oneDNN kernels round differently), which is why both modes are reported."""
+    """`check --exact` gates the exact mode under its own label: every row is bit-identical to diffusers
+    (max_abs 0): the direct network checks, each network swapped into txt2img and img2img (whose
+    channels_last latents and the VAE attention's channels_last sum decide diffusers' kernels), all of
+    them swapped, and the scratch pipeline. The default run is labelled fast, and there the UNet does
+    move (channels_last and oneDNN kernels round differently), which is why both modes are reported."""
     out = tmp_path / "exact"
-    assert cli.main(["check", "--exact", "--components", "text_encoder,vae,unet", "--num-seeds", "1",
-                     "--steps", "2", "--modes", "txt2img", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    assert cli.main(["check", "--exact", "--components", "text_encoder,vae,unet,pipeline", "--num-seeds", "1",
+                     "--steps", "4", "--quiet", "--no-plots", "--out", str(out)]) == 0
     rows = [r for r in _rows(out / "parity.csv") if r["status"] == "compared"]
     direct = [r for r in rows if r["mode"] == "direct"]
     assert {r["component"] for r in direct} == {"text_encoder", "vae", "unet"}
-    assert all(float(r["max_abs"]) == 0.0 for r in direct), [r for r in direct if float(r["max_abs"])][:3]
+    assert {(r["component"], r["mode"]) for r in rows} >= {
+        (c, m) for c in ("text_encoder", "vae", "unet", "all_swapped", "pipeline") for m in ("txt2img", "img2img")}
+    assert all(float(r["max_abs"]) == 0.0 for r in rows), [r for r in rows if float(r["max_abs"])][:3]
     assert {r["net_mode"] for r in rows} == {"exact"} and "exact mode" in (out / "summary.md").read_text()
     fast = [r for r in _rows(tiny_run[1] / "parity.csv") if r["status"] == "compared"]
     assert {r["net_mode"] for r in fast if r["component"] != "scheduler"} == {"fast"}

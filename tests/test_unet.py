@@ -4,6 +4,7 @@ loading, fp32 parity across timesteps / seeds / SD 1.x variants, bf16, and the l
 module pairs. tiny runs in CI; sd15 parity is marked slow (16x16 latents, batch 2)."""
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -316,6 +317,18 @@ def test_tiny_fp32_parity_across_timesteps(tiny_pair, tiny_cfg, seed):
         assert_parity(r, o, f"seed {seed} t={t!r}")
         outs[repr(t)] = o
     assert not torch.equal(outs["745.3"], outs["745"])  # the timestep's dtype reaches the output
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_exact_mode_is_bitwise_diffusers_for_either_input_layout(tiny_pair, tiny_cfg, layout):
+    """diffusers' img2img hands the UNet channels_last latents (add_noise broadcasts a (B, 1, 1, 1)
+    factor), and then its GroupNorms take PyTorch's channels_last kernel. Exact mode must take the
+    same kernel: its accurate channels_last GroupNorm (a fast-mode fix) was 6.6e-7 off there."""
+    ref, ours = tiny_pair[0], copy.deepcopy(tiny_pair[1]).set_exact(True)
+    x, context = inputs(tiny_cfg.unet, 4, batch=4)
+    x = x.contiguous(memory_format=layout)
+    r, o = run_both(ref, ours, x, torch.tensor(501), context)
+    assert torch.equal(o, r), (o - r).abs().max()
 
 
 def test_tiny_fp32_parity_other_seed_weights_and_odd_latent_size(tiny_cfg):
