@@ -76,8 +76,10 @@ def _spread(row: dict) -> str:
 
 
 def _min_time(meta: dict) -> str:
+    from benchmarks.timing import MAX_REPEATS
+
     t = meta.get("min_time_s") or 0
-    return f", and more rounds (up to 1000) until a case's timed calls add up to {t:g} s" if t else ""
+    return f", and more rounds (up to {MAX_REPEATS}) until a case's timed calls add up to {t:g} s" if t else ""
 
 
 def main_table(rows: list[dict], impls: list[str]) -> str:
@@ -87,8 +89,8 @@ def main_table(rows: list[dict], impls: list[str]) -> str:
         groups[(r["component"], r["dtype"], r["batch_size"], r["resolution"])][r["impl"]] = r
     others = [i for i in impls if i != "diffusers"]
     header = ["component", "dtype", "batch", "res"] + [f"{i} ms" for i in impls] + \
-             [f"{i}/diffusers" for i in others] + [f"{i}/diffusers p10-p90" for i in others] + ["rounds", "GFLOP"] + [f"{i} GFLOP/s" for i in impls] + \
-             [f"{i} peak MiB" for i in impls]
+             [f"{i}/diffusers" for i in others] + [f"{i}/diffusers p10-p90" for i in others] + ["rounds", "GFLOP"] + \
+             [f"{i} GFLOP/s" for i in impls] + [f"{i} peak MiB" for i in impls]
     lines = []
     for (comp, dtype, batch, res), by in groups.items():
         line = [comp, dtype, str(batch), str(res or "-")]

@@ -34,7 +34,7 @@ PRESET_DEFAULTS = {
     "tiny": dict(warmup=1, repeats=5, sweep_warmup=1, sweep_repeats=3, pipeline_warmup=1, pipeline_repeats=5,
                  steps=4, resolutions="32,64,128", batch_sizes="1,2,4", batch_resolution=64, memory_scope="main",
                  memory_warmup=1, memory_components=",".join(C.COMPONENTS), min_time_s=0.2),
-    # sd15: ~15 minutes on 2 CPU cores in fp32 + bf16 (see benchmarks/README_SECTION.md).
+    # sd15: ~20 minutes on 2 CPU cores in fp32 + bf16 (README, "Measured here": 1168 s).
     # The pipeline's stages run at the main cases' shapes, which warmed them up already.
     "sd15": dict(warmup=1, repeats=3, sweep_warmup=0, sweep_repeats=2, pipeline_warmup=0, pipeline_repeats=2,
                  steps=2, resolutions="256,384,512", batch_sizes="1,2,4", batch_resolution=256, memory_scope="main",
@@ -70,8 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--min-time-s", type=float, default=None,
-                   help="more rounds than --repeats (up to 1000) until a case's timed calls add up to this many "
-                        "seconds (tiny 0.2, sd15 5; 0: exactly --repeats)")
+                   help="more rounds than --repeats (up to 1000, timing.MAX_REPEATS) until a case's timed "
+                        "calls add up to this many seconds (tiny 0.2, sd15 5; 0: exactly --repeats)")
     p.add_argument("--sweep-warmup", type=int, default=None)
     p.add_argument("--sweep-repeats", type=int, default=None)
     p.add_argument("--pipeline-warmup", type=int, default=None)

@@ -94,9 +94,12 @@ class StageTimer:
         return {k: (sum(v), len(v)) for k, v in self.spans.items()}
 
 
+MAX_REPEATS = 1000  # the rounds a minimum time may add up to (a microsecond call would otherwise spin for long)
+
+
 def interleaved(calls: dict[str, Callable[[], object]], warmup: int, repeats: int, clock,
                 on_repeat: Callable[[int], None] | None = None, min_total_ms: float = 0.0,
-                max_repeats: int = 1000) -> dict[str, list[float]]:
+                max_repeats: int = MAX_REPEATS) -> dict[str, list[float]]:
     """Time each impl's call `repeats` times, A B A B ..., after `warmup` interleaved untimed rounds.
 
     With `min_total_ms`, rounds go on past `repeats` until the timed calls add up to at least that
