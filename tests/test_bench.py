@@ -83,6 +83,8 @@ def test_ok_rows_have_consistent_statistics(tiny_run):
 def test_fast_cases_get_more_rounds_until_the_min_time(tiny_run):
     """tiny's --min-time-s default (0.2 s): a case's timed rounds go past --repeats until its calls add
     up to 0.2 s, so a millisecond call is not judged on three rounds."""
+    from benchmarks.timing import MAX_REPEATS
+
     rows = [r for r in _rows(tiny_run[1]) if r["status"] == "ok"]
     cases = {}
     for r in rows:
@@ -91,13 +93,13 @@ def test_fast_cases_get_more_rounds_until_the_min_time(tiny_run):
         rounds = {int(r["repeats"]) for r in group}
         assert len(rounds) == 1, key  # interleaved: every impl ran every round
         n = rounds.pop()
-        assert n <= 1000
+        assert n <= MAX_REPEATS
         assert n >= (5 if group[0]["component"] == "pipeline" else 3 if "main" in group[0]["sweeps"] else 2), key
         # the loop stopped only once the timed calls reached 0.2 s (each round is at most the sum of the
         # maxima; scheduler_step reports per step, and its DDIM loop makes one call per step)
         units = int(group[0]["steps"]) if group[0]["per"] == "step" else 1
         assert units == 1 or group[0]["scheduler"] == "ddim", key
-        assert n == 1000 or n * units * sum(float(r["max_ms"]) for r in group) >= 200, key
+        assert n == MAX_REPEATS or n * units * sum(float(r["max_ms"]) for r in group) >= 200, key
     te = cases[("text_encoder", "fp32", "2", "")]
     assert int(te[0]["repeats"]) > 3, "a millisecond call should have been given more than --repeats rounds"
     assert "add up to 0.2 s" in (tiny_run[1] / "summary.md").read_text()
