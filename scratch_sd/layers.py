@@ -1,9 +1,15 @@
 """Small primitives shared by the three networks.
 
 They live at module level on purpose: one place to read them, and one place a
-test can swap (with pytest's monkeypatch) to prove the parity gate notices.
+test can swap (with pytest's monkeypatch) to prove the parity gate notices. Fast paths are
+switched off only through `inference_options(...)`, a context manager, never a module global.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +22,25 @@ Tensor = torch.Tensor
 # When autograd records nothing (torch.no_grad / inference_mode), a network may overwrite the
 # fresh intermediates it made itself: the same arithmetic in the same order, so the same bits,
 # but fewer allocations and less memory traffic. Under autograd every op stays out of place.
-INPLACE = True  # the switch benchmarks/ablation.py flips to measure what in-place saves
-ONEDNN_LINEAR = True  # likewise for Linear's oneDNN path (fast mode only)
+@dataclass(frozen=True)
+class InferenceOptions:
+    inplace: bool = True  # overwrite fresh intermediates in inference (same bits, less memory)
+    onednn_linear: bool = True  # fast mode's fp32 CPU linears through oneDNN (other roundings)
+
+
+_OPTIONS: ContextVar[InferenceOptions] = ContextVar("scratch_sd_inference_options", default=InferenceOptions())
+
+
+@contextmanager
+def inference_options(**changes) -> Iterator[InferenceOptions]:
+    """Run the networks with some fast paths off inside the block (benchmarks/ablation.py measures
+    what each one buys): `with inference_options(inplace=False): net(x)`. Scoped to this context
+    (thread / task); a torch.compile trace always takes the defaults (inductor plans its own buffers)."""
+    token = _OPTIONS.set(replace(_OPTIONS.get(), **changes))
+    try:
+        yield _OPTIONS.get()
+    finally:
+        _OPTIONS.reset(token)
 
 
 def inference() -> bool:
@@ -25,7 +48,8 @@ def inference() -> bool:
 
 
 def inplace() -> bool:
-    return INPLACE and inference()
+    # is_compiling() first: dynamo cannot trace ContextVar.get, and short-circuits past it.
+    return inference() and (torch.compiler.is_compiling() or _OPTIONS.get().inplace)
 
 
 def silu(x: Tensor) -> Tensor:
@@ -141,8 +165,8 @@ class Linear(nn.Linear):
     exact = False  # set by set_exact of the network that holds it
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.exact or not ONEDNN_LINEAR or _onednn_linear is None or x.device.type != "cpu"
-                or x.dtype != torch.float32 or not inference() or torch.compiler.is_compiling()):
+        if (self.exact or _onednn_linear is None or x.device.type != "cpu" or x.dtype != torch.float32
+                or not inference() or torch.compiler.is_compiling() or not _OPTIONS.get().onednn_linear):
             return F.linear(x, self.weight, self.bias)
         return _onednn_linear(x, self.weight, self.bias, "none", [], "")
 

@@ -3,7 +3,7 @@ scratch checkpoints. Pure torch + safetensors (no diffusers, no transformers).
 
     model = read_model("path/to/sd15")                        # a diffusers folder
     model = read_model("v1-5-pruned-emaonly.safetensors")     # an original single file (.ckpt too)
-    nets = {name: network(name, model.cfg, model.component(name)) for name in COMPONENTS}
+    nets = {name: network(name, model.cfg, model.component(name)) for name in NETWORKS}
     export_single_file(nets, "out.safetensors", model.cfg)    # and back to a single file
 
 Formats (`kind_of(path)`):
@@ -30,21 +30,20 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from scratch_sd import io
+from scratch_sd import storage
 from scratch_sd.config import PRESETS, CLIPTextConfig, SDConfig, UNetConfig, VAEConfig
+from scratch_sd.names import DTYPES, NETWORKS
 from scratch_sd.convert import single_file
 from scratch_sd.convert.common import ConversionError, load_strict
 
 Tensor = torch.Tensor
 
-COMPONENTS = ("text_encoder", "vae", "unet")
 WEIGHT_NAMES = {  # component -> file stem of its weights (diffusers models / transformers models)
     "text_encoder": "model", "vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model",
 }
 BIN_NAMES = {"text_encoder": "pytorch_model", "vae": "diffusion_pytorch_model", "unet": "diffusion_pytorch_model"}
 FOLDER_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCRATCH_FORMAT = "sd_parity_scratch"  # safetensors metadata "format" of a scratch checkpoint
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -70,8 +69,8 @@ def build_network(component: str, cfg: SDConfig) -> nn.Module:
     from scratch_sd.unet import UNet
     from scratch_sd.vae import AutoencoderKL
 
-    if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")
+    if component not in NETWORKS:
+        raise ValueError(f"unknown component {component!r}; known: {', '.join(NETWORKS)}")
     return {"text_encoder": lambda: CLIPTextModel(cfg.text), "vae": lambda: AutoencoderKL(cfg.vae),
             "unet": lambda: UNet(cfg.unet)}[component]()
 
@@ -164,7 +163,7 @@ def folder_state(root: Path, component: str, variant: str | None = None) -> dict
     """One component's weights as stored (diffusers / transformers keys), shards merged."""
     state: dict[str, Tensor] = {}
     for f in weight_files(Path(root) / component, component, variant):
-        part = io.load_state_dict(f)
+        part = storage.load_state_dict(f)
         twice = set(part) & set(state)
         if twice:
             raise ConversionError(f"{f}: keys also in another shard: {', '.join(sorted(twice)[:4])}")
@@ -178,9 +177,9 @@ def load_network(root: Path, component: str, cfg: SDConfig, variant: str | None 
     return network(component, cfg, state)
 
 
-def read_folder(root: Path, components=COMPONENTS, variant: str | None = None) -> Model:
+def read_folder(root: Path, components=NETWORKS, variant: str | None = None) -> Model:
     root = Path(root)
-    check_folder(root, ("unet", "vae", "text_encoder"))
+    check_folder(root, NETWORKS)
     cfg = load_sd_config(root)
     state: dict[str, Tensor] = {}
     notes = []
@@ -196,8 +195,8 @@ def read_folder(root: Path, components=COMPONENTS, variant: str | None = None) -
 def read_single_file(path: Path, ema: bool = False) -> Model:
     """An original LDM checkpoint -> scratch keys (config from our metadata, else from the shapes)."""
     path = Path(path)
-    meta = io.read_metadata(path)
-    state = io.load_state_dict(path)
+    meta = storage.read_metadata(path)
+    state = storage.load_state_dict(path)
     cfg = single_file.config_from_json(meta[single_file.CONFIG_METADATA]) if single_file.CONFIG_METADATA in meta else None
     reading = single_file.read(state, ema=ema, cfg=cfg, name=path.stem)
     notes = (["architecture: from the file's sd_parity_config metadata"] if cfg else []) + reading.notes
@@ -213,11 +212,11 @@ def read_single_file(path: Path, ema: bool = False) -> Model:
 # --------------------------------------------------------------------------- scratch checkpoints
 def read_scratch(path: Path) -> Model:
     path = Path(path)
-    meta = io.read_metadata(path)
+    meta = storage.read_metadata(path)
     if meta.get("format") != SCRATCH_FORMAT or single_file.CONFIG_METADATA not in meta:
-        raise io.CheckpointError(f"{path}: not a scratch checkpoint (no format={SCRATCH_FORMAT} metadata)")
+        raise storage.CheckpointError(f"{path}: not a scratch checkpoint (no format={SCRATCH_FORMAT} metadata)")
     cfg = single_file.config_from_json(meta[single_file.CONFIG_METADATA])
-    state = io.load_state_dict(path)
+    state = storage.load_state_dict(path)
     from scratch_sd.convert.common import check_shapes
 
     check_shapes(state, single_file.scratch_shapes(cfg), "scratch checkpoint")
@@ -232,12 +231,12 @@ def kind_of(path: str | os.PathLike) -> str:
         return "diffusers"
     if not path.exists():
         raise FileNotFoundError(2, "No such model file or folder", str(path))
-    if path.suffix.lower() in io.SAFETENSORS and io.read_metadata(path).get("format") == SCRATCH_FORMAT:
+    if path.suffix.lower() in storage.SAFETENSORS and storage.read_metadata(path).get("format") == SCRATCH_FORMAT:
         return "scratch"
     return "single"
 
 
-def read_model(path: str | os.PathLike, components=COMPONENTS, ema: bool = False, variant: str | None = None) -> Model:
+def read_model(path: str | os.PathLike, components=NETWORKS, ema: bool = False, variant: str | None = None) -> Model:
     """Weights of any accepted format, in scratch keys. `ema` applies to single files (the UNet's
     EMA copy); `variant` to diffusers folders (e.g. "fp16")."""
     kind = kind_of(path)
@@ -251,7 +250,7 @@ def read_model(path: str | os.PathLike, components=COMPONENTS, ema: bool = False
     return model
 
 
-def load_networks(path: str | os.PathLike, components=COMPONENTS, ema: bool = False,
+def load_networks(path: str | os.PathLike, components=NETWORKS, ema: bool = False,
                   variant: str | None = None) -> tuple[SDConfig, dict[str, nn.Module], Model]:
     """Scratch networks with the weights at `path`: (config, {component: network}, what was read)."""
     model = read_model(path, components, ema, variant)
@@ -261,19 +260,18 @@ def load_networks(path: str | os.PathLike, components=COMPONENTS, ema: bool = Fa
 
 # --------------------------------------------------------------------------- export
 def scratch_state(source: Any, cfg: SDConfig | None = None) -> tuple[dict[str, Tensor], SDConfig]:
-    """(scratch keys, config) of: a parity Models (its scratch networks), a Model, a mapping
-    {component: network or state dict}, or a flat scratch state dict (then `cfg` is required)."""
-    if hasattr(source, "pairs") and hasattr(source, "cfg"):  # parity.models.Models
-        missing = [n for n in COMPONENTS if n not in source.pairs]
-        if missing:
-            raise ValueError(f"cannot export a model without its {', '.join(missing)}")
-        return single_file.join({n: source.pairs[n].scratch.state_dict() for n in COMPONENTS}), source.cfg
+    """(scratch keys, config) of: a Model, a mapping {network name: nn.Module or state dict} holding
+    all three networks, or a flat scratch state dict (`unet.*`, ...). The last two need `cfg`."""
     if isinstance(source, Model):
         return source.state, source.cfg
     if cfg is None:
-        raise ValueError("exporting a state dict needs its SDConfig (cfg=...)")
-    if set(source) == set(COMPONENTS):
-        return single_file.join({n: (v.state_dict() if isinstance(v, nn.Module) else v) for n, v in source.items()}), cfg
+        raise ValueError("exporting networks or a state dict needs its SDConfig (cfg=...)")
+    if set(source) & set(NETWORKS):
+        missing = [n for n in NETWORKS if n not in source]
+        if missing:
+            raise ValueError(f"cannot export a model without its {', '.join(missing)}")
+        return single_file.join({n: (v.state_dict() if isinstance(v, nn.Module) else v)
+                                 for n, v in source.items() if n in NETWORKS}), cfg
     return dict(source), cfg
 
 
@@ -287,7 +285,7 @@ def cast(state: Mapping[str, Tensor], dtype: str | None) -> dict[str, Tensor]:
 
 
 def _save_pickle(state: Mapping[str, Tensor], path: Path) -> Path:
-    with io.atomic_path(path, path.suffix) as tmp:
+    with storage.atomic_path(path, path.suffix) as tmp:
         torch.save({"state_dict": {k: v.detach().contiguous() for k, v in state.items()}}, str(tmp))
     return path
 
@@ -299,9 +297,9 @@ def export_single_file(models_or_state: Any, path: str | os.PathLike, cfg: SDCon
     path = Path(path)
     state, cfg = scratch_state(models_or_state, cfg)
     ldm = cast(single_file.write(state, cfg), dtype)
-    if path.suffix.lower() in io.SAFETENSORS:
-        return io.save_state_dict(ldm, path, {"format": "pt", single_file.CONFIG_METADATA: single_file.config_to_json(cfg)})
-    if path.suffix.lower() in io.PICKLES:
+    if path.suffix.lower() in storage.SAFETENSORS:
+        return storage.save_state_dict(ldm, path, {"format": "pt", single_file.CONFIG_METADATA: single_file.config_to_json(cfg)})
+    if path.suffix.lower() in storage.PICKLES:
         return _save_pickle(ldm, path)
     raise ValueError(f"{path}: a single file ends in .safetensors or .ckpt")
 
@@ -313,10 +311,10 @@ def export_scratch(models_or_state: Any, path: str | os.PathLike, cfg: SDConfig 
     from scratch_sd.convert.common import check_shapes
 
     check_shapes(state, single_file.scratch_shapes(cfg), "scratch state dict")
-    return io.save_state_dict(cast(state, dtype), path,
+    return storage.save_state_dict(cast(state, dtype), path,
                               {"format": SCRATCH_FORMAT, single_file.CONFIG_METADATA: single_file.config_to_json(cfg)})
 
 
 __all__ = ["Model", "read_model", "load_networks", "network", "build_network", "load_network", "load_sd_config",
            "weight_files", "folder_state", "check_folder", "kind_of", "read_single_file", "read_scratch",
-           "read_folder", "export_single_file", "export_scratch", "cast", "COMPONENTS", "DTYPES"]
+           "read_folder", "export_single_file", "export_scratch", "cast"]

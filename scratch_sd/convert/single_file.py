@@ -44,10 +44,11 @@ import torch
 from scratch_sd.config import PRESETS, CLIPTextConfig, SDConfig, UNetConfig, UnsupportedConfig, VAEConfig
 from scratch_sd.convert import clip, unet, vae
 from scratch_sd.convert.common import ConversionError, KeyTable, check_shapes, shapes_of
+from scratch_sd.names import NETWORKS
 
 Tensor = torch.Tensor
 
-COMPONENTS = ("text_encoder", "vae", "unet")
+COMPONENTS = NETWORKS  # the three networks a single file holds
 UNET, VAE, TEXT = unet.LDM_PREFIX, vae.LDM_PREFIX, clip.LDM_PREFIX
 PREFIXES = {"text_encoder": TEXT, "vae": VAE, "unet": UNET}
 EMA = "model_ema."

@@ -19,7 +19,7 @@ import torch
 
 SAFETENSORS = (".safetensors",)
 PICKLES = (".ckpt", ".bin", ".pt", ".pth")
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 
@@ -64,9 +64,9 @@ def _check_entry(path: Path, key: str, info, data_len: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r} "
-                              f"(known: {', '.join(DTYPES)})")
+                              f"(known: {', '.join(SAFETENSORS_DTYPES)})")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{path}: tensor {key!r} has an invalid shape {shape!r}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
@@ -74,7 +74,7 @@ def _check_entry(path: Path, key: str, info, data_len: int) -> None:
     start, end = offsets
     if not (0 <= start <= end <= data_len):
         raise CheckpointError(f"{path}: tensor {key!r} lies outside the file (truncated?)")
-    itemsize = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
     if math.prod(shape) * itemsize != end - start:
         raise CheckpointError(f"{path}: tensor {key!r} of shape {shape} {dtype} does not fill its "
                               f"{end - start} bytes")
