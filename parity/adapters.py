@@ -1,11 +1,15 @@
-"""Scratch networks in the interfaces diffusers' pipelines call.
+"""A candidate's networks in the two shapes the harness calls them.
 
-`pipe.unet = UNetAdapter(scratch_unet, reference_config)` just works in
-StableDiffusionPipeline and StableDiffusionImg2ImgPipeline: each adapter is an
-nn.Module (so `pipe.to(...)` moves it), exposes `config` (the reference component's
-config: same model, same values), `dtype` and `device`, and returns the output
-objects the pipelines index ([0], `.sample`, `.latent_dist`). The adapters add no
-arithmetic of their own: every number comes from the scratch network.
+`as_diffusers(name, built, reference)`: the interface diffusers' pipelines call, so that
+`pipe.unet = as_diffusers("unet", built, ref_unet)` just works in StableDiffusionPipeline and
+StableDiffusionImg2ImgPipeline. A "diffusers"-interface module is used as it is; a "plain" one
+(parity/candidates/base.py) is wrapped in an adapter: an nn.Module (so `pipe.to(...)` moves it)
+exposing `config` (the reference component's: same model, same values), `dtype` and `device`, and
+returning the output objects the pipelines index ([0], `.sample`, `.latent_dist`). The adapters add
+no arithmetic of their own: every number comes from the candidate.
+
+`as_plain(name, built)`: the plain calls the direct checks and localize make (text_encoder(ids),
+unet(x, t, ctx), vae.encode(x) -> posterior, vae.decode(z)), for either interface.
 """
 from __future__ import annotations
 
@@ -14,20 +18,35 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from parity.candidates.base import Built
+
+
+def _is_module(x) -> bool:
+    return isinstance(x, nn.Module)
+
 
 class _Adapter(nn.Module):
-    def __init__(self, scratch: nn.Module, config):
+    def __init__(self, inner, config, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
-        self.scratch = scratch
+        if _is_module(inner):
+            self.inner = inner  # a submodule: pipe.to() moves it
+        else:
+            object.__setattr__(self, "inner", inner)
         self.config = config
+        self._dtype, self._device = dtype, device
+
+    def _param(self):
+        return next(self.inner.parameters(), None) if _is_module(self.inner) else None
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.scratch.parameters()).dtype
+        p = self._param()
+        return p.dtype if p is not None else self._dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.scratch.parameters()).device
+        p = self._param()
+        return p.device if p is not None else self._device
 
 
 class _Output(tuple):
@@ -39,24 +58,34 @@ class _Output(tuple):
         return self
 
 
+def posterior(encoded):
+    """A plain VAE's encode output as a posterior: the candidate's own, or diffusers'
+    DiagonalGaussianDistribution over a moments tensor (B, 2 * latent_channels, h, w)."""
+    if isinstance(encoded, torch.Tensor):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(encoded)
+    return encoded
+
+
 class TextEncoderAdapter(_Adapter):
     """transformers.CLIPTextModel interface: `encoder(ids, attention_mask=None)[0]`."""
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("the scratch text encoder does not take a padding attention mask (SD 1.x does not use one)")
+            raise ValueError("the candidate text encoder does not take a padding attention mask (SD 1.x does not use one)")
         if output_hidden_states:
             raise ValueError("clip_skip / output_hidden_states is not supported by the text encoder adapter")
-        hidden = self.scratch(input_ids.to(self.device))
+        hidden = self.inner(input_ids.to(self.device))
         return _Output("last_hidden_state", hidden)
 
 
 class LatentDist:
-    """diffusers' DiagonalGaussianDistribution interface over the scratch posterior."""
+    """diffusers' DiagonalGaussianDistribution interface over a candidate's posterior."""
 
-    def __init__(self, posterior):
-        self.posterior = posterior
-        self.mean, self.logvar, self.std = posterior.mean, posterior.logvar, posterior.std
+    def __init__(self, dist):
+        self.posterior = dist
+        self.mean, self.logvar, self.std = dist.mean, dist.logvar, dist.std
 
     def sample(self, generator=None):
         return self.posterior.sample(generator=generator)
@@ -69,11 +98,11 @@ class VAEAdapter(_Adapter):
     """diffusers.AutoencoderKL interface: `encode(x).latent_dist`, `decode(z)[0]` / `.sample`."""
 
     def encode(self, x, return_dict=True):
-        dist = LatentDist(self.scratch.encode(x))
+        dist = LatentDist(posterior(self.inner.encode(x)))
         return SimpleNamespace(latent_dist=dist) if return_dict else (dist,)
 
     def decode(self, z, return_dict=True, generator=None):
-        image = self.scratch.decode(z)
+        image = self.inner.decode(z)
         return _Output("sample", image) if return_dict else (image,)
 
     def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):
@@ -88,21 +117,67 @@ class UNetAdapter(_Adapter):
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
                 added_cond_kwargs=None, return_dict=True, **kwargs):
         if timestep_cond is not None or cross_attention_kwargs or added_cond_kwargs:
-            raise ValueError("the scratch UNet takes no timestep_cond / cross_attention_kwargs / added_cond_kwargs")
-        out = self.scratch(sample, timestep, encoder_hidden_states)
+            raise ValueError("the candidate UNet takes no timestep_cond / cross_attention_kwargs / added_cond_kwargs")
+        out = self.inner(sample, timestep, encoder_hidden_states)
         return _Output("sample", out) if return_dict else (out,)
 
 
-def adapt(name: str, scratch: nn.Module, reference: nn.Module) -> nn.Module:
-    """Wrap a scratch network for diffusers, taking the config of the reference it replaces.
+ADAPTERS = {"text_encoder": TextEncoderAdapter, "vae": VAEAdapter, "unet": UNetAdapter}
 
-    The VAE's latent scaling constant is the scratch model's own (`scratch.cfg.scaling_factor`):
-    the pipeline multiplies by it, so a wrong constant on the scratch side must show.
+
+def scaling_factor_of(module) -> float | None:
+    """The latent scale a plain VAE states itself (`scaling_factor` or `cfg.scaling_factor`), if any."""
+    value = getattr(module, "scaling_factor", None)
+    if value is None:
+        value = getattr(getattr(module, "cfg", None), "scaling_factor", None)
+    return value
+
+
+def as_diffusers(name: str, built: Built, reference: nn.Module, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> nn.Module:
+    """The candidate's network in diffusers' interface, with the config of the reference it replaces.
+
+    A plain VAE's own latent scaling constant replaces the reference's (`scaling_factor_of`): the
+    pipeline multiplies by it, so a wrong constant on the candidate's side must show.
     """
+    if built.interface == "diffusers":
+        return built.module
     from diffusers.configuration_utils import FrozenDict
 
-    cls = {"text_encoder": TextEncoderAdapter, "vae": VAEAdapter, "unet": UNetAdapter}[name]
     config = reference.config
-    if name == "vae" and hasattr(scratch, "cfg"):
-        config = FrozenDict({**config, "scaling_factor": scratch.cfg.scaling_factor})
-    return cls(scratch, config)
+    scale = scaling_factor_of(built.module) if name == "vae" else None
+    if scale is not None:
+        config = FrozenDict({**config, "scaling_factor": scale})
+    return ADAPTERS[name](built.module, config, dtype, device)
+
+
+class PlainVAE:
+    """encode(x) -> posterior (.mean, .logvar, .sample(generator), .mode()), decode(z) -> image."""
+
+    def __init__(self, module, interface: str, scaling_factor: float):
+        self.module, self.interface, self.scaling_factor = module, interface, scaling_factor
+
+    def encode(self, x):
+        if self.interface == "diffusers":
+            return self.module.encode(x).latent_dist
+        return posterior(self.module.encode(x))
+
+    def decode(self, z):
+        if self.interface == "diffusers":
+            return self.module.decode(z).sample
+        return self.module.decode(z)
+
+
+def as_plain(name: str, built: Built, reference: nn.Module | None = None):
+    """The candidate's network as the plain calls the direct checks make (see the module docstring)."""
+    m = built.module
+    if name == "vae":
+        scale = scaling_factor_of(m) if built.interface == "plain" else None
+        if scale is None:
+            scale = (reference if reference is not None else m).config.scaling_factor
+        return PlainVAE(m, built.interface, scale)
+    if built.interface == "plain":
+        return m
+    if name == "unet":
+        return lambda x, t, ctx: m(x, t, encoder_hidden_states=ctx).sample
+    return lambda ids: m(ids)[0]

@@ -1,5 +1,5 @@
-"""Reference and scratch networks from a local model: a diffusers folder, an original single
-file, or a scratch checkpoint (`parity.models.build_models(model=PATH)` lands here).
+"""Reference networks from a local model: a diffusers folder, an original single file, or a
+scratch checkpoint (`parity.references.build_references(model=PATH)` lands here).
 
 Two independent readers of the same files, so that "same weights" is checked, not assumed:
 - scratch side: scratch_sd.loading (our key tables, strict; no diffusers);
@@ -13,8 +13,9 @@ Two independent readers of the same files, so that "same weights" is checked, no
   * scratch checkpoint (no other reader exists): diffusers modules built from the config, with the
     weights through our tables' to_diffusers.
 After loading, every reference tensor is converted through our key table and compared bit for bit
-with the scratch network's (`same_weights`); a difference is an error naming the tensors (the
-reference loaders are not strict: a key they miss would stay randomly initialised).
+with what our strict reader read (`same_weights`); a difference is an error naming the tensors (the
+reference loaders are not strict: a key they miss would stay randomly initialised). So the scratch
+candidate, which converts the reference's tensors, holds exactly the file's weights.
 
 Both sides are float32 (the gate casts per dtype). Tokenizer: the folder's tokenizer/, or for a
 file `tokenizer=DIR`, else the generated preset vocabulary sized to the file's vocab (stated in a
@@ -31,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from parity.models import NETWORKS, Models, Pair
+from parity.reference_set import References, quiet_libraries
 from scratch_sd import loading
+from scratch_sd.names import NETWORKS
 
 DIFFUSERS_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 
@@ -102,8 +104,6 @@ def write_config_folder(folder: Path, cfg, tokenizer_dir: Path | None = None,
 def _quiet():
     import diffusers
     import transformers
-
-    from parity.models import quiet_libraries
 
     quiet_libraries()
     transformers.utils.logging.disable_progress_bar()
@@ -183,9 +183,10 @@ def _check_same(name: str, reference, scratch, cfg, source: str) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-def build_models(path, components=NETWORKS, ema: bool = False, tokenizer: str | Path | None = None,
-                 variant: str | None = None, quiet: bool = False) -> Models:
-    """Models (reference + scratch on the same weights, tokenizer, scheduler config) from a local path."""
+def build_references(path, components=NETWORKS, ema: bool = False, tokenizer: str | Path | None = None,
+                     variant: str | None = None, quiet: bool = False) -> References:
+    """The reference networks (float32, CPU), tokenizer and scheduler config of a local model, each
+    network checked bit for bit against our own strict reading of the same file."""
     from parity import zoo
     from scratch_sd.schedulers import SD15_SCHEDULER_CONFIG
 
@@ -193,7 +194,7 @@ def build_models(path, components=NETWORKS, ema: bool = False, tokenizer: str | 
     say = (lambda _t: None) if quiet else note
     _quiet()
     if path.is_dir():  # every missing part named before seconds of loading
-        loading.check_folder(path, ("unet", "vae", "text_encoder") + (("tokenizer",) if tokenizer is None else ()))
+        loading.check_folder(path, NETWORKS + (("tokenizer",) if tokenizer is None else ()))
     cfg, nets, model = loading.load_networks(path, components, ema=ema, variant=variant)  # strict, first
     notes = list(model.notes)
     scheduler_config = dict(SD15_SCHEDULER_CONFIG)
@@ -214,11 +215,11 @@ def build_models(path, components=NETWORKS, ema: bool = False, tokenizer: str | 
             else:
                 refs = {n: reference_from_config(n, cfg, model.component(n)) for n in components}
         notes.append("scheduler: SD 1.5's PNDMScheduler config (a single file holds none)")
-    pairs = {}
+    networks = {}
     for name in components:
         ref = refs[name].to(torch.float32).eval()
-        _check_same(name, ref, nets[name], cfg, str(path))
-        pairs[name] = Pair(name, ref, nets[name])
+        _check_same(name, ref, nets.pop(name), cfg, str(path))
+        networks[name] = ref
     for text in notes:
         say(text)
-    return Models(cfg, pairs, tok, scheduler_config, str(path))
+    return References(cfg, networks, tok, scheduler_config, str(path), path, notes)

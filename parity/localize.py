@@ -1,150 +1,148 @@
-"""`sdparity localize`: where does a scratch network first stop matching its reference?
+"""Where does a candidate's network first stop matching its reference?
 
-Runs the reference and the scratch network on the same input with forward hooks on every
-layer the converter pairs (`module_pairs(cfg)`: leaf layers with one-to-one weights and the
-blocks around them), compares each pair's output, orders the pairs by when the scratch
-layer finished (forward hooks fire on completion, so an inner layer comes before the block
-that holds it), and names the first layer over the threshold, in both naming schemes.
+Runs the reference and the candidate on the same input, recording the output of every layer the
+pairing names (the reference's module names: for scratch, the converter's `module_pairs(cfg)`;
+for a candidate with the reference's own module names, those names; for ONNX Runtime, graph
+values mapped back to the module that made them), compares each pair, orders the pairs by when
+the candidate's layer finished (an inner layer comes before the block that holds it), and names
+the first layer over the threshold, in both naming schemes. A layer the reference ran but the
+candidate never did (skipped, not changed) is named as missing at the place it belongs.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from parity.tolerances import DTYPES, Table
-
-NETWORKS = ("text_encoder", "vae", "unet")
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("localize", help="per-layer divergence table of one network, first layer over tolerance")
-    p.add_argument("--component", required=True, help="text_encoder | vae | unet")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
-    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
-    p.add_argument("--model", default=None, help="a local diffusers folder or single checkpoint file")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timestep", type=float, default=745.3, help="UNet timestep (default 745.3)")
-    p.add_argument("--threshold", type=float, default=None, help="rel_l2 over which a layer diverges "
-                   "(default: [localize] in the tolerance file)")
-    p.add_argument("--tolerances", default=None, help="tolerance TOML file")
-    p.add_argument("--out", default=None, help="folder for localize.csv and localize.md")
-    p.add_argument("--all", action="store_true", help="print every layer, not only up to the first divergence")
-    p.set_defaults(func=run)
+from parity.adapters import as_plain
+from parity.candidates import BuildRequest, module_tap
+from parity.candidates.base import _hooks
+from parity.metrics import compare
+from parity.run_context import cache_dir, calling, normalise
+from scratch_sd import loading
+from scratch_sd.names import DTYPES, NETWORKS
 
 
 @dataclass
 class LayerRow:
-    order: int
-    scratch: str
+    order: float
+    candidate: str  # the layer's name on the candidate's side
     reference: str
     shape: str
     max_abs: float
     rel_l2: float
     psnr_db: float
     over: bool
+    missing: bool = False  # the reference ran this layer, the candidate never did
 
 
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    for attr in ("sample", "last_hidden_state"):
-        if hasattr(out, attr) and isinstance(getattr(out, attr), torch.Tensor):
-            return getattr(out, attr)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if hasattr(out, "mean") and isinstance(out.mean, torch.Tensor):  # a posterior
-        return out.mean
-    return None
+def reference_layer_names(component: str, cfg) -> list[str]:
+    return [r for _, r in loading.converter(component).module_pairs(loading.sub_config(component, cfg))]
 
 
-class Recorder:
-    """Forward hooks on named submodules; keeps the first output of each and its completion order."""
-
-    def __init__(self, model: torch.nn.Module, names: list[str]):
-        modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
-        if missing:
-            raise ValueError(f"module_pairs names modules that do not exist: {missing[:5]}")
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.order: dict[str, int] = {}
-        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
-
-    def _hook(self, name):
-        def hook(module, args, out):
-            t = _first_tensor(out)
-            if t is not None and name not in self.outputs:
-                self.outputs[name] = t.detach().float().cpu().clone()  # a copy: later in-place ops reuse the memory
-                self.order[name] = len(self.order)
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+def _inputs(component: str, cfg, seed: int, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    if component == "text_encoder":
+        return {"ids": torch.randint(0, cfg.text.vocab_size, (2, cfg.text.max_positions), generator=g).to(device)}
+    if component == "vae":
+        size = min(cfg.image_size, 64)
+        return {"x": (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dtype), "g": g}
+    lat = min(cfg.latent_size, 16)
+    x = torch.randn(1, cfg.unet.in_channels, lat, lat, generator=g).to(device, dtype)
+    ctx = torch.randn(1, cfg.text.max_positions, cfg.unet.cross_attention_dim, generator=g).to(device, dtype)
+    return {"x": x, "ctx": ctx}
 
 
 @torch.no_grad()
-def _run_both(component: str, ref, ours, cfg, seed: int, timestep: float, dtype, device):
-    """Same input through both; return the pair of final outputs (and extra named pseudo-layers)."""
-    g = torch.Generator().manual_seed(seed)
-    extras = []
+def _run(component: str, net, inp: dict, timestep: float, dtype, device, reference: bool):
+    """(output, extra pseudo-layers) of one side; `net` is the reference module or a plain candidate."""
     if component == "text_encoder":
-        ids = torch.randint(0, cfg.text.vocab_size, (2, cfg.text.max_positions), generator=g).to(device)
-        r, o = ref(ids)[0], ours(ids)
-    elif component == "vae":
-        size = min(cfg.image_size, 64)
-        x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
-        rd, od = ref.encode(x).latent_dist, ours.encode(x)
+        return (net(inp["ids"])[0] if reference else net(inp["ids"])), []
+    if component == "vae":
+        d = net.encode(inp["x"]).latent_dist if reference else net.encode(inp["x"])
+        scale = net.config.scaling_factor if reference else net.scaling_factor
         # The latent scaling constant is no layer, but a wrong one moves every latent: a pseudo-layer.
-        extras.append(("latents (posterior mean x scaling_factor)", "latent_dist.mean x config.scaling_factor",
-                       rd.mean * ref.config.scaling_factor, od.mean * ours.cfg.scaling_factor))
-        z = torch.randn(rd.mean.shape, generator=g).to(device, dtype)
-        r, o = ref.decode(z).sample, ours.decode(z)
-    else:
-        lat = min(cfg.latent_size, 16)
-        x = torch.randn(1, cfg.unet.in_channels, lat, lat, generator=g).to(device, dtype)
-        ctx = torch.randn(1, cfg.text.max_positions, cfg.unet.cross_attention_dim, generator=g).to(device, dtype)
-        r, o = ref(x, timestep, encoder_hidden_states=ctx).sample, ours(x, timestep, ctx)
-    return r, o, extras
+        extra = [("latents (posterior mean x scaling_factor)", "latent_dist.mean x config.scaling_factor",
+                  d.mean * scale)]
+        if "z" not in inp:
+            inp["z"] = torch.randn(d.mean.shape, generator=inp["g"]).to(device, dtype)
+        return (net.decode(inp["z"]).sample if reference else net.decode(inp["z"])), extra
+    if reference:
+        return net(inp["x"], timestep, encoder_hidden_states=inp["ctx"]).sample, []
+    return net(inp["x"], timestep, inp["ctx"]), []
 
 
-def localize(component: str, dtype: str, models, seed: int = 0, timestep: float = 745.3, threshold: float = 1e-5,
-             device: str = "cpu") -> list[LayerRow]:
-    from parity.metrics import compare
-    from parity.models import converter, sub_config
+def candidate_tap(built, names: list[str]):
+    """(tap factory, reference name -> candidate name) for a built network, or (None, {})."""
+    if built.tap is not None:
+        return built.tap, dict(getattr(built.tap, "names", {}))
+    if built.same_names:
+        module = getattr(built.module, "_orig_mod", built.module)
+        have = dict(module.named_modules())
+        pairs = [(n, n) for n in names if n in have]
+        return module_tap(module, pairs), {n: n for _, n in pairs}
+    return None, {}
 
-    pair = models.pairs[component]
-    cfg = models.cfg
-    pairs = converter(component).module_pairs(sub_config(component, cfg))
-    ref = copy.deepcopy(pair.reference).to(device=device, dtype=DTYPES[dtype]).eval()
-    ours = copy.deepcopy(pair.scratch).to(device=device, dtype=DTYPES[dtype]).eval()
-    rec_ref = Recorder(ref, [p[1] for p in pairs])
-    rec_ours = Recorder(ours, [p[0] for p in pairs])
-    try:
-        r, o, extras = _run_both(component, ref, ours, cfg, seed, timestep, DTYPES[dtype], device)
-    finally:
-        rec_ref.close()
-        rec_ours.close()
-    rows = []
-    for s_name, r_name in pairs:
-        if s_name not in rec_ours.outputs or r_name not in rec_ref.outputs:
-            continue  # a paired layer this input does not reach
-        a, b = rec_ref.outputs[r_name], rec_ours.outputs[s_name]
-        if a.shape != b.shape:
-            raise ValueError(f"paired layers disagree in shape: {s_name} {tuple(b.shape)} vs {r_name} {tuple(a.shape)}")
-        e = compare(a, b)
-        over = (not e.finite) or e.rel_l2 > threshold
-        rows.append(LayerRow(rec_ours.order[s_name], s_name, r_name, "x".join(map(str, b.shape)), e.max_abs,
-                             e.rel_l2, e.psnr_db, over))
-    rows.sort(key=lambda x: x.order)
+
+def localize(component: str, dtype: str, refs, cand, seed: int = 0, timestep: float = 745.3,
+             threshold: float = 1e-5, device: str = "cpu") -> tuple[list[LayerRow], str]:
+    """Per-layer rows in the candidate's completion order, and a note on what could be paired."""
+    if component not in NETWORKS:
+        raise ValueError(f"unknown component {component!r}; localize takes one of {', '.join(NETWORKS)}")
+    if component not in cand.candidate.components:
+        raise ValueError(f"candidate {cand.name!r} does not provide {component} (it has "
+                         f"{', '.join(cand.candidate.components)})")
+    reason = cand.candidate.unavailable() or cand.candidate.supports(component, dtype, device)
+    if reason:
+        raise ValueError(f"candidate {cand.name!r} cannot run {component} at {dtype} on {device}: {reason}")
+    cfg, dt = refs.cfg, DTYPES[dtype]
+    reference = copy.deepcopy(refs.networks[component]).to(device=device, dtype=dt).eval()
+    request = BuildRequest(component, refs.networks[component], cfg, dt, torch.device(device), cache_dir(), refs.path,
+                           hasher=lambda: refs.weights_hash(component))
+    with calling(cand.name, f"build({component}, {dtype})"):
+        built = normalise(cand.candidate.build(request), refs.networks[component])
+    names = reference_layer_names(component, cfg)
+    tap, cand_names = candidate_tap(built, names)
+    ours = as_plain(component, built, refs.networks[component])
+    inp = _inputs(component, cfg, seed, dt, device)
+    with _hooks(reference, [(n, n) for n in names]) as seen_ref:
+        r, extras_r = _run(component, reference, inp, timestep, dt, device, True)
+    with (tap() if tap is not None else contextlib.nullcontext({})) as seen_ours, \
+            calling(cand.name, f"{component} ({dtype})"):
+        o, extras_o = _run(component, ours, inp, timestep, dt, device, False)
+    rows = _pair_rows(seen_ref, seen_ours, cand_names, threshold, tap is not None)
     n = len(rows)
-    for i, (s_name, r_name, a, b) in enumerate(extras + [("(network output)", "(network output)", r, o)]):
+    finals = [(a[0], a[1], a[2], b[2]) for a, b in zip(extras_r, extras_o)]
+    for i, (c_name, r_name, a, b) in enumerate(finals + [("(network output)", "(network output)", r, o)]):
         e = compare(a, b)
-        rows.append(LayerRow(n + i, s_name, r_name, "x".join(map(str, b.shape)), e.max_abs, e.rel_l2, e.psnr_db,
+        rows.append(LayerRow(n + i, c_name, r_name, "x".join(map(str, b.shape)), e.max_abs, e.rel_l2, e.psnr_db,
                              (not e.finite) or e.rel_l2 > threshold))
+    note = (f"{len(set(seen_ours) & set(names))} of {len(names)} paired layers seen" if tap is not None else
+            f"candidate {cand.name!r} gives no layer map (Built.tap / same_names): only its output is compared")
+    return rows, note
+
+
+def _pair_rows(seen_ref: dict, seen_ours: dict, cand_names: dict, threshold: float, tapped: bool) -> list[LayerRow]:
+    rows: list[LayerRow] = []
+    order = {name: i for i, name in enumerate(seen_ours)}  # the candidate's completion order
+    last = -1.0
+    for ref_name in seen_ref:  # the reference's order places the layers the candidate skipped
+        a = seen_ref[ref_name]
+        if ref_name in seen_ours:
+            b = seen_ours[ref_name]
+            if a.shape != b.shape:
+                raise ValueError(f"paired layers disagree in shape: {cand_names.get(ref_name, ref_name)} "
+                                 f"{tuple(b.shape)} vs {ref_name} {tuple(a.shape)}")
+            e = compare(a, b)
+            last = float(order[ref_name])
+            rows.append(LayerRow(last, cand_names.get(ref_name, ref_name), ref_name, "x".join(map(str, b.shape)),
+                                 e.max_abs, e.rel_l2, e.psnr_db, (not e.finite) or e.rel_l2 > threshold))
+        elif tapped and ref_name in cand_names:
+            rows.append(LayerRow(last + 0.5, cand_names[ref_name], ref_name, "x".join(map(str, a.shape)),
+                                 float("nan"), float("nan"), float("nan"), True, missing=True))
+    rows.sort(key=lambda x: x.order)
     return rows
 
 
@@ -155,53 +153,24 @@ def first_divergence(rows: list[LayerRow]) -> LayerRow | None:
 def format_table(rows: list[LayerRow], show_all: bool) -> str:
     first = first_divergence(rows)
     cut = len(rows) if show_all or first is None else min(len(rows), rows.index(first) + 6)
-    lines = [f"{'#':>4}  {'scratch layer':<42} {'reference layer':<58} {'max_abs':>10} {'rel_l2':>10} {'psnr':>7}"]
-    for r in rows[:cut]:
+    lines = [f"{'#':>4}  {'candidate layer':<42} {'reference layer':<58} {'max_abs':>10} {'rel_l2':>10} {'psnr':>7}"]
+    for i, r in enumerate(rows[:cut]):
         mark = "  <-- first over tolerance" if r is first else ("  over" if r.over else "")
-        lines.append(f"{r.order:>4}  {r.scratch:<42} {r.reference:<58} {r.max_abs:>10.3g} {r.rel_l2:>10.3g} "
+        if r.missing:
+            mark = "  <-- never ran on the candidate (skipped)" + (" [first]" if r is first else "")
+        lines.append(f"{i:>4}  {r.candidate:<42} {r.reference:<58} {r.max_abs:>10.3g} {r.rel_l2:>10.3g} "
                      f"{r.psnr_db:>7.1f}{mark}")
     if cut < len(rows):
         lines.append(f"... {len(rows) - cut} more layers (--all to show)")
     return "\n".join(lines)
 
 
-def run(args) -> int:
-    from parity.cli import UsageError
-    from parity.models import build_models
-    from parity.report import rows_to_csv, _write_text
-
-    if args.component not in NETWORKS:
-        raise UsageError(f"unknown component {args.component!r}; localize takes one of {', '.join(NETWORKS)}")
-    if args.dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {args.dtype!r}; known: {', '.join(DTYPES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available to this torch build")
-    if args.device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device {args.device!r}; known: cpu, cuda")
-    from scratch_sd.config import PRESETS
-
-    if args.model is None and args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
-    if args.model is not None and not Path(args.model).exists():
-        raise UsageError(f"--model path does not exist: {args.model}")
-    table = Table.load(args.tolerances)
-    threshold = args.threshold if args.threshold is not None else table.localize_threshold(args.dtype)
-    models = build_models(args.preset, args.model, (args.component,), seed=args.seed)
-    rows = localize(args.component, args.dtype, models, args.seed, args.timestep, threshold, args.device)
-    text = format_table(rows, args.all)
-    print(text)
+def verdict(rows: list[LayerRow], component: str, dtype: str, threshold: float) -> str:
     first = first_divergence(rows)
     if first is None:
-        verdict = f"no layer of {args.component} ({args.dtype}) is over rel_l2 {threshold:g}: {len(rows)} layers compared"
-    else:
-        verdict = (f"first layer over rel_l2 {threshold:g}: scratch `{first.scratch}` = reference `{first.reference}` "
-                   f"(rel_l2 {first.rel_l2:.3g}, max_abs {first.max_abs:.3g})")
-    print(verdict)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        cols = ["order", "scratch", "reference", "shape", "max_abs", "rel_l2", "psnr_db", "over"]
-        _write_text(out / "localize.csv", rows_to_csv([r.__dict__ for r in rows], cols))
-        _write_text(out / "localize.md", f"# localize {args.component} {args.dtype}\n\n{verdict}\n\n```\n"
-                    f"{format_table(rows, True)}\n```\n")
-    return 1 if first is not None else 0
+        return f"no layer of {component} ({dtype}) is over rel_l2 {threshold:g}: {len(rows)} layers compared"
+    if first.missing:
+        return (f"first divergence: candidate `{first.candidate}` = reference `{first.reference}` never ran on the "
+                "candidate (the layer is skipped, not changed)")
+    return (f"first layer over rel_l2 {threshold:g}: candidate `{first.candidate}` = reference `{first.reference}` "
+            f"(rel_l2 {first.rel_l2:.3g}, max_abs {first.max_abs:.3g})")

@@ -60,13 +60,9 @@ def run_pipeline(components: dict, scheduler, mode: str, seed: int, steps: int, 
                  guidance_scale: float = 7.5, strength: float = STRENGTH, prompts=PROMPTS, negative=NEGATIVE,
                  device: str = "cpu") -> Trace:
     """One traced run. `components`: text_encoder, vae, unet (reference or adapters), tokenizer."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from parity.pipelines import diffusers_pipeline
 
-    cls = StableDiffusionPipeline if mode == "txt2img" else StableDiffusionImg2ImgPipeline
-    pipe = cls(vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-               unet=components["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
-               requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(components, scheduler, mode)
     trace = Trace()
     hooks = [
         components["text_encoder"].register_forward_hook(

@@ -32,7 +32,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from parity.tolerances import DTYPES, Table, judge
+from parity.tolerances import Table, judge
+from scratch_sd.names import DTYPES
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 ACCUMULATION = 2  # micro-batches per optimiser step
@@ -123,20 +124,8 @@ def _row(table: Table, dtype: str, tensor: str, ref: torch.Tensor, out: torch.Te
     tol = table.lookup("train", kind or tensor, dtype)
     v = judge(ref.detach().float().reshape(-1), out.detach().float().reshape(-1), tol, dtype,
               None if truth is None else truth.detach().float().reshape(-1))
-    e = v.errors
-    fp32 = dtype == "fp32"
     return dict(component="train", preset=preset, dtype=dtype, device="cpu", mode="train", case=case, tensor=tensor,
-                shape="x".join(map(str, out.shape)) or "1", max_abs=e.max_abs, mean_abs=e.mean_abs, rel_l2=e.rel_l2,
-                cosine_distance=e.cosine_distance, psnr_db=e.psnr_db, atol=tol.atol if fp32 else "",
-                rtol=tol.rtol if fp32 else "", min_psnr_db=tol.min_psnr_db if fp32 else "",
-                max_rel_l2=tol.max_rel_l2 if fp32 else "", scratch_rel_l2_vs_fp32=_blank(v.err_scratch_vs_fp32),
-                diffusers_rel_l2_vs_fp32=_blank(v.err_reference_vs_fp32), error_ratio=_blank(v.error_ratio),
-                max_error_ratio="" if fp32 else tol.max_error_ratio, passed=v.passed, status="compared",
-                reason=v.reason)
-
-
-def _blank(x):
-    return "" if x is None else x
+                shape="x".join(map(str, out.shape)) or "1", status="compared", **v.fields(dtype))
 
 
 def group_of(name: str) -> str:
@@ -184,12 +173,12 @@ def _grad_rows(table, dtype, ref_grads, our_grads, case, truth_grads, preset) ->
 # --------------------------------------------------------------------------- the check
 def _models(preset: str, seed: int, exact: bool = False):
     from parity import zoo
-    from parity.models import scratch_from_reference
+    from parity.candidates.scratch import network_from_reference
     from scratch_sd.config import preset as make_preset
 
     cfg = make_preset(preset)
     reference = zoo.reference_unet(cfg, seed)
-    scratch = scratch_from_reference("unet", reference, cfg).set_exact(exact)
+    scratch = network_from_reference("unet", reference, cfg).set_exact(exact)
     return cfg, reference.train(), scratch.train()
 
 

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from scratch_sd.config import SDConfig
+from scratch_sd.names import NETWORKS
 
-COMPONENTS = ("text_encoder", "vae", "unet")
+COMPONENTS = NETWORKS
 
 
 # --------------------------------------------------------------------------- random weights

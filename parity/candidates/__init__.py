@@ -13,8 +13,9 @@ import importlib
 import importlib.metadata
 from dataclasses import dataclass
 
-from parity.candidates.base import (NETWORKS, BuildRequest, Built, Candidate, CandidateBase, CandidateError,
+from parity.candidates.base import (BuildRequest, Built, Candidate, CandidateBase, CandidateError,
                                     module_tap)
+from scratch_sd.names import NETWORKS
 
 ENTRY_POINT_GROUP = "sd_parity.candidates"
 BUILTIN = {  # name -> "module:factory"

@@ -48,7 +48,6 @@ from torch import nn
 
 from scratch_sd.config import SDConfig
 
-NETWORKS = ("text_encoder", "vae", "unet")
 INTERFACES = ("plain", "diffusers")
 
 
@@ -66,8 +65,17 @@ class BuildRequest:
     dtype: torch.dtype
     device: torch.device
     cache_dir: Path  # a folder the candidate may keep artefacts in (exports), shared across runs
-    weights_hash: str  # sha256 of the reference component's config and tensors: a cache key
     model_path: Path | None = None  # the local model the reference was read from (None for a preset)
+    hasher: Callable[[], str] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def weights_hash(self) -> str:
+        """sha256 of the reference component's config and tensors (a cache key; computed on first use)."""
+        if self.hasher is None:
+            from parity.references import module_hash
+
+            return module_hash(self.reference)
+        return self.hasher()
 
 
 @dataclass
@@ -150,8 +158,18 @@ def _hooks(module: nn.Module, pairs: Sequence[tuple[str, str]]) -> Iterator[dict
             h.remove()
 
 
-def module_tap(module: nn.Module, pairs: Sequence[tuple[str, str]]) -> Callable[[], ContextManager[dict]]:
+class ModuleTap:
     """A `Built.tap` for an nn.Module: forward hooks on the candidate's modules, recorded under the
-    reference's names. `pairs`: (candidate module name, reference module name)."""
-    pairs = list(pairs)
-    return lambda: _hooks(module, pairs)
+    reference's names; `names` maps each reference name to the candidate's."""
+
+    def __init__(self, module: nn.Module, pairs: Sequence[tuple[str, str]]):
+        self.module, self.pairs = module, list(pairs)
+        self.names = {r: m for m, r in self.pairs}
+
+    def __call__(self) -> ContextManager[dict[str, torch.Tensor]]:
+        return _hooks(self.module, self.pairs)
+
+
+def module_tap(module: nn.Module, pairs: Sequence[tuple[str, str]]) -> ModuleTap:
+    """A tap over `module`. `pairs`: (candidate module name, reference module name)."""
+    return ModuleTap(module, pairs)
