@@ -1,0 +1,5 @@
+import sys
+
+from sdparity.main import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""`sdparity check`: the parity gate (parity.gate), its run folder and its verdict."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from sdparity.common import progress_printer
+
+
+def add_parser(sub) -> None:
+    from parity.gate import GATE_COMPONENTS
+
+    p = sub.add_parser("check", help="the parity gate: candidates vs diffusers, component by component")
+    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
+    p.add_argument("--model", default=None, help="a local diffusers folder or a single .safetensors/.ckpt file")
+    p.add_argument("--candidates", default=None,
+                   help="comma list of candidates to gate (built-in names, installed entry points, or "
+                        "package.module:factory; see `sdparity candidates`; default scratch)")
+    p.add_argument("--candidate", dest="candidates_one", action="append", default=None,
+                   help="one candidate (repeatable); joins --candidates")
+    p.add_argument("--informational", default="", help="comma list of candidates reported but not gated")
+    p.add_argument("--components", default="all",
+                   help=f"comma list of {', '.join(GATE_COMPONENTS)} (default all = every one but train)")
+    p.add_argument("--dtypes", default="fp32", help="comma list of fp32, fp16, bf16 (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--scheduler", default="pndm", help="scheduler for the pipeline runs, or 'all' (default pndm)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per pipeline run (tiny 4, sd15 2)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (tiny 64, sd15 256)")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
+    p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
+    p.add_argument("--exact", action="store_true",
+                   help="alias of --candidates scratch-exact: the scratch networks in exact mode (NCHW, "
+                        "diffusers' kernels: bit-identical) instead of the default fast mode")
+    p.add_argument("--tolerances", default=None, help="a tolerance TOML file replacing parity/tolerances.toml")
+    p.add_argument("--out", default=None, help="run folder (default reports/check-<time>)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=run)
+
+
+def candidates_of(args) -> list[str]:
+    chosen = [c for c in (args.candidates or "").split(",") if c.strip()] + list(args.candidates_one or [])
+    if args.exact:
+        chosen = ["scratch-exact" if c == "scratch" else c for c in chosen] or ["scratch-exact"]
+    return [c.strip() for c in chosen] or ["scratch"]
+
+
+def settings_of(args):
+    from parity.gate import GateSettings
+
+    return GateSettings.make(preset=args.preset, model=args.model, components=args.components, dtypes=args.dtypes,
+                             device=args.device, scheduler=args.scheduler, steps=args.steps, size=args.size,
+                             seed=args.seed, num_seeds=args.num_seeds, modes=args.modes,
+                             candidates=candidates_of(args), informational=args.informational,
+                             tolerances=args.tolerances)
+
+
+def run(args) -> int:
+    from parity import report
+    from parity.gate import load_candidates, run_gate
+    from parity.outputs import check_target
+    from parity.tolerances import Table
+
+    settings = settings_of(args)
+    out = Path(args.out) if args.out else Path("reports") / time.strftime("check-%Y%m%d-%H%M%S")
+    check_target(out, "dir", args.force)  # before any work
+    Table.load(settings.tolerances)
+    load_candidates(settings)  # a bad candidate: one line, before any model is built
+    result = run_gate(settings, progress_printer("check", args.quiet))
+    paths = report.write_check(result, out, plots=not args.no_plots, force=args.force)
+    return verdict(result, paths)
+
+
+def verdict(result, paths: dict) -> int:
+    from parity.report import failure_line, localize_hints
+
+    failed = result.failed
+    for r in failed[:50]:
+        print(failure_line(r), file=sys.stderr)
+    if len(failed) > 50:
+        print(f"... and {len(failed) - 50} more failing rows in {paths['csv']}", file=sys.stderr)
+    for hint in localize_hints(result):
+        print(f"  localise it: {hint}", file=sys.stderr)
+    compared = len(result.compared)
+    informational = sum(1 for r in result.rows if r.failed and not r.gating)
+    skipped = sum(1 for r in result.rows if r.status == "skipped")
+    extra = f", {informational} informational failures" if informational else ""
+    print(f"{'FAIL' if failed else 'PASS'}: {compared - len(failed) - informational}/{compared} comparisons within "
+          f"tolerance ({skipped} skipped{extra}) in {result.elapsed_s:.1f} s; report: {paths['summary']}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from sdparity.main import main
+
+    sys.exit(main(["check", *sys.argv[1:]]))
