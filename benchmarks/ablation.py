@@ -1,6 +1,6 @@
 """What each optimisation of the scratch networks buys: time and peak memory, change by change.
 
-    python -m benchmarks.ablation --preset sd15 --components unet,vae_decode --dtypes fp32,bf16 --out DIR
+    sdparity ablation --preset sd15 --components unet,vae_decode --dtypes fp32,bf16 --out DIR
 
 Variants of the scratch network (the same weights), each against diffusers in the same run:
 - `before`          every op out of place, NCHW: the scratch networks as they were before issue 7
@@ -23,20 +23,21 @@ one warm-up call. Writes ablation.csv and ablation.md into --out.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
+
 
 import torch
 
 from benchmarks import cases as C
 from benchmarks import memory
 from benchmarks.timing import CpuClock, interleaved, paired_ratio, summarize
+from scratch_sd.names import DTYPES
 
 VARIANTS = {  # name -> (in-place ops, GEGLU row chunks, channels_last, oneDNN fp32 linears): cumulative
     "before": (False, False, False, False),
@@ -66,14 +67,11 @@ class Variant:
             if isinstance(m, layers.Linear):
                 m.exact = not onednn
         self.layers, self.net = layers, net
-        self.fn = C.network_call(case.component, "scratch", {_network(case): net}, inputs)
+        self.fn = C.network_call(case.component, "plain", {_network(case): net}, inputs)
 
     def __call__(self):
-        saved, self.layers.INPLACE = self.layers.INPLACE, self.inplace
-        try:
+        with self.layers.inference_options(inplace=self.inplace):
             return self.fn()
-        finally:
-            self.layers.INPLACE = saved
 
 
 def _network(case: C.Case) -> str:
@@ -87,14 +85,14 @@ def _case(component: str, dtype: str, cfg) -> C.Case:
 
 def _build(preset: str, network: str, seed: int, side: str):
     from parity import zoo
-    from parity.models import scratch_from_reference
+    from parity.candidates.scratch import network_from_reference
     from scratch_sd.config import preset as get_preset
 
     cfg = get_preset(preset)
     ref = zoo.BUILDERS[network](cfg, seed)
     if side == "diffusers":
         return cfg, ref
-    return cfg, scratch_from_reference(network, ref, cfg)
+    return cfg, network_from_reference(network, ref, cfg)
 
 
 def _call(impl: str, case: C.Case, net, inputs: dict):
@@ -106,14 +104,14 @@ def _call(impl: str, case: C.Case, net, inputs: dict):
 # --------------------------------------------------------------------------- memory child
 def child(spec: dict) -> None:
     """One impl's network alone: for each dtype (fp32 first), warm up once, then the peak of one call."""
-    from parity.models import quiet_libraries
+    from parity.references import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(spec["threads"])
     cfg, net = _build(spec["preset"], spec["network"], spec["seed"], spec["impl"])
     out = {}
     for dtype in spec["dtypes"]:
-        net.to(C.DTYPES[dtype])
+        net.to(DTYPES[dtype])
         case = _case(spec["component"], dtype, cfg)
         fn = _call(spec["impl"], case, net, C.make_inputs(case, cfg, "cpu"))
         with torch.inference_mode():
@@ -134,7 +132,23 @@ def measure_memory(spec: dict) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the run
-def run(args) -> int:
+@dataclass(frozen=True)
+class AblationSettings:
+    preset: str = "sd15"
+    components: str = "unet,vae_decode"  # comma lists, as on the command line
+    dtypes: str = "fp32,bf16"
+    warmup: int = 1
+    repeats: int = 3
+    memory: bool = True
+    threads: int | None = None
+    seed: int = 0
+    out: str = "reports/ablation"
+    force: bool = False  # replace `out` if it exists
+
+
+def run(args: AblationSettings) -> int:
+    from parity.outputs import check_target, writing_dir
+
     components = [c for c in args.components.split(",") if c]
     dtypes = [d for d in args.dtypes.split(",") if d]
     impls = ["diffusers", *VARIANTS]
@@ -142,28 +156,27 @@ def run(args) -> int:
         if c not in COMPONENTS:
             raise ValueError(f"unknown component {c!r}; known: {', '.join(COMPONENTS)}")
     for d in dtypes:
-        if d not in C.DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; known: {', '.join(C.DTYPES)}")
+        if d not in DTYPES:
+            raise ValueError(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
     if not components or not dtypes or args.repeats < 1 or args.warmup < 0:
         raise ValueError("need at least one component and dtype, --repeats >= 1 and --warmup >= 0")
-    dtypes.sort(key=list(C.DTYPES).index)
+    dtypes.sort(key=list(DTYPES).index)
+    out = check_target(args.out, "dir", args.force, "--out")
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     clock = CpuClock()
-    from parity.models import quiet_libraries
+    from parity.references import quiet_libraries
 
     quiet_libraries()
     for component in components:
         network = C.NETWORKS_OF[component][0]
         cfg, ref = _build(args.preset, network, args.seed, "diffusers")
-        from parity.models import scratch_from_reference
+        from parity.candidates.scratch import network_from_reference
 
-        nets = {"diffusers": ref, **{v: scratch_from_reference(network, ref, cfg) for v in VARIANTS}}
+        nets = {"diffusers": ref, **{v: network_from_reference(network, ref, cfg) for v in VARIANTS}}
         for dtype in dtypes:
             for net in nets.values():
-                net.to(C.DTYPES[dtype])
+                net.to(DTYPES[dtype])
             case = _case(component, dtype, cfg)
             inputs = C.make_inputs(case, cfg, "cpu")
             calls = {impl: _call(impl, case, nets[impl], inputs) for impl in impls}
@@ -193,11 +206,12 @@ def run(args) -> int:
                     base = next(b for b in rows if b["component"] == component and b["dtype"] == r["dtype"]
                                 and b["impl"] == "diffusers")
                     r["mem_ratio_vs_diffusers"] = r["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] else ""
-    with open(out / "ablation.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "ablation.md").write_text(markdown(rows, args))
+    with writing_dir(out, args.force) as tmp:
+        with open(tmp / "ablation.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        (tmp / "ablation.md").write_text(markdown(rows, args))
     print(f"wrote {out / 'ablation.csv'} and {out / 'ablation.md'}")
     return 0
 
@@ -224,28 +238,8 @@ def markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="sd15", choices=("tiny", "sd15"))
-    p.add_argument("--components", default="unet,vae_decode")
-    p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-memory", dest="memory", action="store_false")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="reports/ablation")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        child(json.loads(args.child))
-        return 0
-    try:
-        return run(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the memory child: python -m benchmarks.ablation --child SPEC
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(json.loads(sys.argv[2]))
+        sys.exit(0)
+    sys.exit("run the ablation with `sdparity ablation` (this module's own entry is its memory child)")

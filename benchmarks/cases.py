@@ -17,6 +17,9 @@ Implementations:
 - scratch_compiled   torch.compile of the scratch network call (networks only; scratch_sd.accel)
 - scratch_cudagraph  the scratch network call as a CUDA graph, replayed (networks only, CUDA only;
                      scratch_sd.accel.CudaGraphRunner)
+- any candidate      by name (`sdparity candidates`: onnxruntime, compiled, int8, a plug-in), its
+                     networks built from the reference for each dtype; its pipeline is diffusers'
+                     with the candidate's networks swapped in
 """
 from __future__ import annotations
 
@@ -27,11 +30,15 @@ from typing import Callable
 
 import torch
 
-COMPONENTS = ("text_encoder", "unet", "vae_decode", "vae_encode", "scheduler_step", "pipeline")
-IMPLS = ("scratch", "diffusers", "scratch_compiled", "scratch_cudagraph")
+from scratch_sd.names import DTYPES
+
+CASE_COMPONENTS = ("text_encoder", "unet", "vae_decode", "vae_encode", "scheduler_step", "pipeline")
+IMPLS = ("scratch", "diffusers", "scratch_compiled", "scratch_cudagraph")  # built in; candidates add theirs
 # The scratch networks wrapped by scratch_sd.accel: their first call compiles or captures.
 ACCELERATED = ("scratch_compiled", "scratch_cudagraph")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The order a run moves its networks through (in place): each step an exact conversion of the fp32
+# weights, bf16 being a subset of fp16's mantissa.
+DTYPE_ORDER = ("fp32", "bf16", "fp16")
 # Networks each component needs.
 NETWORKS_OF = {"text_encoder": ("text_encoder",), "unet": ("unet",), "vae_decode": ("vae",),
                "vae_encode": ("vae",), "scheduler_step": (), "pipeline": ("text_encoder", "vae", "unet")}
@@ -93,26 +100,27 @@ def make_inputs(case: Case, cfg, device, steps: int = 1) -> dict:
 
 
 # --------------------------------------------------------------------------- network calls
-def network_call(component: str, impl: str, nets: dict, inputs: dict) -> Callable[[], object]:
-    """One call of a network component on `inputs`; `nets` maps network name -> module."""
+def network_call(component: str, style: str, nets: dict, inputs: dict) -> Callable[[], object]:
+    """One call of a network component on `inputs`; `nets` maps network name -> module, called in
+    diffusers' interface (`style` "diffusers") or the plain one (parity/candidates/base.py)."""
     if component == "text_encoder":
         te, ids = nets["text_encoder"], inputs["ids"]
-        if impl == "diffusers":
+        if style == "diffusers":
             return lambda: te(ids)[0]
         return lambda: te(ids)
     if component == "unet":
         unet, x, t, c = nets["unet"], inputs["x"], inputs["t"], inputs["context"]
-        if impl == "diffusers":
+        if style == "diffusers":
             return lambda: unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
         return lambda: unet(x, t, c)
     if component == "vae_decode":
         vae, z = nets["vae"], inputs["z"]
-        if impl == "diffusers":
+        if style == "diffusers":
             return lambda: vae.decode(z, return_dict=False)[0]
         return lambda: vae.decode(z)
     if component == "vae_encode":
         vae, image = nets["vae"], inputs["image"]
-        if impl == "diffusers":
+        if style == "diffusers":
             return lambda: vae.encode(image).latent_dist.sample()
         return lambda: vae.encode(image).sample()
     raise ValueError(f"{component!r} is not a network component")
@@ -120,11 +128,11 @@ def network_call(component: str, impl: str, nets: dict, inputs: dict) -> Callabl
 
 # --------------------------------------------------------------------------- schedulers
 def make_scheduler(impl: str, name: str, config: dict):
+    """diffusers' scheduler for the diffusers impl (and candidates without their own), ours otherwise."""
     if impl == "diffusers":
-        import diffusers
-        from scratch_sd.schedulers import DIFFUSERS_CLASS_NAMES
+        from parity.pipelines import diffusers_scheduler
 
-        return getattr(diffusers, DIFFUSERS_CLASS_NAMES[name]).from_config(config)
+        return diffusers_scheduler(name, config)
     from scratch_sd.schedulers import get_scheduler
 
     return get_scheduler(name, config)
@@ -151,23 +159,19 @@ def scheduler_calls(scheduler, steps: int) -> int:
 
 # --------------------------------------------------------------------------- pipelines
 def make_pipeline(impl: str, nets: dict, tokenizer, scheduler, cfg):
-    if impl == "diffusers":
-        from diffusers import StableDiffusionPipeline
+    """diffusers' pipeline over diffusers-interface networks (impl "diffusers" or a candidate's,
+    adapted), ScratchPipeline over the scratch networks."""
+    from parity import pipelines
 
-        pipe = StableDiffusionPipeline(vae=nets["vae"], text_encoder=nets["text_encoder"], tokenizer=tokenizer,
-                                       unet=nets["unet"], scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    from scratch_sd.pipeline import ScratchPipeline
-
-    return ScratchPipeline(nets["text_encoder"], nets["vae"], nets["unet"], tokenizer, scheduler, cfg)
+    if impl == "scratch":
+        return pipelines.ScratchPipeline(nets["text_encoder"], nets["vae"], nets["unet"], tokenizer, scheduler, cfg)
+    return pipelines.diffusers_pipeline({**nets, "tokenizer": tokenizer}, scheduler)
 
 
 def pipeline_call(impl: str, pipe, case: Case, steps: int) -> Callable[[], object]:
     kwargs = dict(prompt=[PROMPT] * case.images, height=case.resolution, width=case.resolution,
                   num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, output_type="pt")
-    if impl == "diffusers":
+    if impl != "scratch":
         return lambda: pipe(generator=_gen(0), return_dict=False, **kwargs)[0]
     return lambda: pipe(generator=_gen(0), progress=False, **kwargs).images
 

@@ -72,33 +72,24 @@ def measure_peak_mb(fn: Callable[[], object]) -> float:
 
 
 def _build_side(spec: dict):
-    """The networks of one implementation only. Presets build one network at a time (reference,
-    then its scratch conversion, then the reference is dropped), so the child never holds both
-    sides of more than one network."""
-    from parity.models import Models, Pair, build_models, scratch_from_reference
+    """The Workload of one implementation only. The scratch side converts one network at a time and
+    drops its reference, so the child never holds both sides of more than one network; a
+    candidate's side keeps the references (its pipeline runs diffusers' with its networks in)."""
+    from benchmarks.workload import Workload
+    from parity.candidates.scratch import network_from_reference
+    from parity.references import build_references
 
-    if spec.get("model"):
-        models = build_models(spec["preset"], spec["model"], components=tuple(spec["networks"]), seed=spec["seed"])
-        keep = "reference" if spec["impl"] == "diffusers" else "scratch"
-        models.pairs = {n: Pair(n, p.reference if keep == "reference" else None, p.scratch if keep == "scratch" else None)
-                        for n, p in models.pairs.items()}
-        gc.collect()
-        return models
-    from parity import zoo
-    from scratch_sd.config import preset
-    from scratch_sd.schedulers import SD15_SCHEDULER_CONFIG
-
-    cfg = preset(spec["preset"])
-    pairs = {}
-    for name in spec["networks"]:
-        ref = zoo.BUILDERS[name](cfg, spec["seed"])
-        if spec["impl"] == "diffusers":
-            pairs[name] = Pair(name, ref, None)
-        else:
-            pairs[name] = Pair(name, None, scratch_from_reference(name, ref, cfg))
-            del ref
+    refs = build_references(spec["preset"], spec.get("model"), tuple(spec["networks"]), seed=spec["seed"])
+    impl = spec["impl"]
+    scratch = None
+    if impl == "scratch":
+        scratch = {}
+        for name in list(refs.networks):
+            scratch[name] = network_from_reference(name, refs.networks[name], refs.cfg)
+            del refs.networks[name]
             gc.collect()
-    return Models(cfg, pairs, zoo.preset_tokenizer(cfg), dict(SD15_SCHEDULER_CONFIG), f"preset:{spec['preset']}")
+    return Workload(refs, (impl,), "cpu", spec["scheduler"], spec["steps"], dtypes=tuple(spec["dtypes"]),
+                    scratch=scratch)
 
 
 PREFIX = "SDPARITY-MEM "  # protocol lines on the child's stdout (anything else there is ignored)
@@ -107,15 +98,14 @@ PREFIX = "SDPARITY-MEM "  # protocol lines on the child's stdout (anything else 
 def child_main(spec_json: str) -> int:
     """Build one implementation's networks, say "ready", wait for the case list on stdin, measure."""
     from benchmarks import cases as C
-    from parity.models import quiet_libraries
-    from benchmarks.workload import Workload
+    from parity.references import quiet_libraries
 
     quiet_libraries()
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     if not hwm_reset_available():
         raise OSError(f"{CLEAR_REFS} is not writable: cannot reset the peak-RSS mark")
-    work = Workload(_build_side(spec), "cpu", spec["scheduler"], spec["steps"])
+    work = _build_side(spec)
     gc.collect()
     gc.freeze()  # the long-lived objects: the per-case collections below then take microseconds, not 0.5 s
     print(PREFIX + "ready", flush=True)
@@ -124,7 +114,7 @@ def child_main(spec_json: str) -> int:
         return 0  # the parent gave up
     todo = [C.Case(**c) for c in json.loads(line)]
     results = []
-    for dtype in C.DTYPES:  # fp32, bf16, fp16: exact in-place conversions in this order
+    for dtype in C.DTYPE_ORDER:  # exact in-place conversions in this order
         mine = [c for c in todo if c.dtype == dtype]
         if not mine:
             continue

@@ -21,17 +21,16 @@ IMPLS = ("scratch", "diffusers")
 @pytest.fixture(scope="module")
 def workload():
     from benchmarks.workload import Workload
-    from parity.models import build_models, quiet_libraries
+    from parity.references import build_references, quiet_libraries
 
     quiet_libraries()
-    models = build_models("tiny")
-    work = Workload(models, "cpu", scheduler="ddim", steps=4)
+    work = Workload(build_references("tiny"), IMPLS, "cpu", scheduler="ddim", steps=4, dtypes=DTYPES)
     work.to("fp32")
     return work
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("component", C.COMPONENTS)
+@pytest.mark.parametrize("component", C.CASE_COMPONENTS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_component(benchmark, workload, component, dtype, impl):
     if workload.dtype != dtype:
