@@ -21,3 +21,19 @@ def sd15_cfg():
     from scratch_sd.config import sd15
 
     return sd15()
+
+
+@pytest.fixture(scope="session")
+def tiny_refs():
+    """diffusers' / transformers' tiny networks on the zoo's seeded weights (parity.references)."""
+    from parity.references import build_references, quiet_libraries
+
+    quiet_libraries()
+    return build_references("tiny")
+
+
+def scratch_from(refs, exact: bool = False) -> dict:
+    """Fresh float32 scratch networks holding `refs`' weights (the `scratch` candidate's conversion)."""
+    from parity.pipelines import scratch_networks
+
+    return scratch_networks(refs, exact)

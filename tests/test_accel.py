@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from parity import cli
+from conftest import scratch_from
+from sdparity.main import main as cli_main
 from scratch_sd import accel
 from scratch_sd.accel import CudaGraphRunner
 
@@ -309,10 +310,18 @@ def test_compiled_tiny_unet_matches_eager_on_cpu(tiny_unet):
 
 # --------------------------------------------------------------------------- the pipeline option
 @pytest.fixture(scope="module")
-def tiny_models():
-    from parity.models import build_models
+def tiny_nets(tiny_refs):
+    """Scratch networks holding the tiny references' weights (built once for the module)."""
+    return scratch_from(tiny_refs)
 
-    return build_models("tiny")
+
+@pytest.fixture
+def make_pipe(tiny_refs, tiny_nets):
+    """A fresh scratch pipeline by scheduler name, over the module's scratch networks."""
+    from parity.pipelines import scratch_pipeline
+
+    return lambda scheduler: scratch_pipeline(tiny_nets, tiny_refs.tokenizer, scheduler, tiny_refs.scheduler_config,
+                                              tiny_refs.cfg)
 
 
 def _image(pipe, **kwargs):
@@ -320,20 +329,16 @@ def _image(pipe, **kwargs):
                 progress=False, **kwargs).images
 
 
-def test_accelerate_default_keeps_the_pipeline_bit_identical(tiny_models):
-    from parity.generate import scratch_pipeline
-
-    plain = _image(scratch_pipeline(tiny_models, "euler"))
-    pipe = scratch_pipeline(tiny_models, "euler").accelerate(cuda_graphs=True, vae_decode=True,
+def test_accelerate_default_keeps_the_pipeline_bit_identical(make_pipe):
+    plain = _image(make_pipe("euler"))
+    pipe = make_pipe("euler").accelerate(cuda_graphs=True, vae_decode=True,
                                                              graph_backend=FakeBackend())
     assert pipe.accelerate() is pipe and pipe._unet_call is None and pipe._decode_call is None  # back to eager
     assert torch.equal(_image(pipe), plain)
 
 
-def test_accelerate_with_cuda_graphs_on_a_cpu_pipeline_raises(tiny_models):
-    from parity.generate import scratch_pipeline
-
-    pipe = scratch_pipeline(tiny_models, "euler")
+def test_accelerate_with_cuda_graphs_on_a_cpu_pipeline_raises(make_pipe):
+    pipe = make_pipe("euler")
     with pytest.raises((RuntimeError, ValueError), match="CUDA graphs need") as info:
         pipe.accelerate(cuda_graphs=True)
     assert len(str(info.value).splitlines()) == 1
@@ -345,12 +350,10 @@ def test_accelerate_with_cuda_graphs_on_a_cpu_pipeline_raises(tiny_models):
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
-def test_accelerate_with_fake_cuda_graphs_gives_the_eager_image(tiny_models, scheduler):
-    from parity.generate import scratch_pipeline
-
-    plain = _image(scratch_pipeline(tiny_models, scheduler), negative_prompt="blurry")
+def test_accelerate_with_fake_cuda_graphs_gives_the_eager_image(make_pipe, scheduler):
+    plain = _image(make_pipe(scheduler), negative_prompt="blurry")
     be = FakeBackend()
-    pipe = scratch_pipeline(tiny_models, scheduler).accelerate(cuda_graphs=True, vae_decode=True, graph_backend=be)
+    pipe = make_pipe(scheduler).accelerate(cuda_graphs=True, vae_decode=True, graph_backend=be)
     assert torch.equal(_image(pipe, negative_prompt="blurry"), plain)
     unet_graph, decode_graph = be.graphs  # one UNet graph for every step (t is a tensor input), one decode
     assert pipe._unet_call.captures == 1 and unet_graph.replays == 3 and decode_graph.replays == 1
@@ -359,11 +362,9 @@ def test_accelerate_with_fake_cuda_graphs_gives_the_eager_image(tiny_models, sch
 
 
 @pytest.mark.slow
-def test_accelerate_compile_matches_eager_image(tiny_models):
-    from parity.generate import scratch_pipeline
-
-    plain = _image(scratch_pipeline(tiny_models, "euler"))
-    out = _image(scratch_pipeline(tiny_models, "euler").accelerate(compile=True))
+def test_accelerate_compile_matches_eager_image(make_pipe):
+    plain = _image(make_pipe("euler"))
+    out = _image(make_pipe("euler").accelerate(compile=True))
     max_abs = float((out - plain).abs().max())
     print(f"pipeline with compiled UNet vs eager, tiny, [0, 1] pixels: max_abs {max_abs:.3g}")
     assert max_abs <= 1e-5, max_abs
@@ -378,7 +379,7 @@ def test_accelerate_compile_matches_eager_image(tiny_models):
 ])
 def test_generate_bad_acceleration_exits_2_with_one_line_and_no_file(tmp_path, capsys, args, words):
     out = tmp_path / "out.png"
-    rc = cli.main(["generate", "--prompt", "a", "--steps", "1", *args, "--out", str(out)])
+    rc = cli_main(["generate", "--prompt", "a", "--steps", "1", *args, "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
@@ -388,18 +389,28 @@ def test_generate_bad_acceleration_exits_2_with_one_line_and_no_file(tmp_path, c
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_generate_device_cuda_without_a_gpu_exits_2(tmp_path, capsys):
     out = tmp_path / "out.png"
-    assert cli.main(["generate", "--prompt", "a", "--device", "cuda", "--cuda-graphs", "--out", str(out)]) == 2
+    assert cli_main(["generate", "--prompt", "a", "--device", "cuda", "--cuda-graphs", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device is available" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
 
-def test_generate_compile_flag_reaches_the_scratch_pipeline(tiny_models, tmp_path, capsys, monkeypatch):
+def test_generate_compile_flag_reaches_the_scratch_pipeline(tiny_refs, tmp_path, capsys, monkeypatch):
     """--compile MODE goes to ScratchPipeline.accelerate -> accel.compile_network (spied: the real
     compile is the slow test above)."""
-    import parity.models
+    import parity.pipelines
+    import parity.references
 
-    monkeypatch.setattr(parity.models, "build_models", lambda preset_name="tiny", seed=0, **_: tiny_models)
+    monkeypatch.setattr(parity.references, "build_references",
+                        lambda preset_name="tiny", model=None, components=None, seed=0, **_: tiny_refs)
+    built = []  # the scratch pipeline the CLI builds: its UNet is what must be compiled
+    real_build = parity.pipelines.scratch_pipeline_from_references
+
+    def build_spy(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(parity.pipelines, "scratch_pipeline_from_references", build_spy)
     seen = []
 
     def spy(fn, *, mode="default", **kw):
@@ -408,11 +419,11 @@ def test_generate_compile_flag_reaches_the_scratch_pipeline(tiny_models, tmp_pat
 
     monkeypatch.setattr(accel, "compile_network", spy)
     out = tmp_path / "fox.png"
-    rc = cli.main(["generate", "--prompt", "a", "--steps", "1", "--compile", "max-autotune-no-cudagraphs",
+    rc = cli_main(["generate", "--prompt", "a", "--steps", "1", "--compile", "max-autotune-no-cudagraphs",
                    "--no-progress", "--out", str(out)])
     text = capsys.readouterr()
     assert rc == 0, text.err
-    assert seen == [(tiny_models.pairs["unet"].scratch, "max-autotune-no-cudagraphs")]
+    assert len(built) == 1 and seen == [(built[0].unet, "max-autotune-no-cudagraphs")]
     assert out.is_file() and "scratch with compile max-autotune-no-cudagraphs" in text.out
 
 
@@ -430,7 +441,7 @@ def test_bench_cudagraph_impl_is_a_cuda_case_and_networks_only():
     assert "compiles the networks only" in unsupported(Case("scheduler_step", "fp32", 1, 64), "scratch_compiled")
 
 
-def test_bench_compiled_impl_goes_through_accel(tiny_models, monkeypatch):
+def test_bench_compiled_impl_goes_through_accel(tiny_refs, tiny_nets, monkeypatch):
     from benchmarks.cases import Case
     from benchmarks.workload import Workload
 
@@ -441,7 +452,8 @@ def test_bench_compiled_impl_goes_through_accel(tiny_models, monkeypatch):
         return fn
 
     monkeypatch.setattr(accel, "compile_network", spy)
-    work = Workload(tiny_models, "cpu", "ddim", 2)
+    work = Workload(tiny_refs, impls=("scratch", "scratch_compiled"), device="cpu", scheduler="ddim", steps=2,
+                    scratch=tiny_nets)
     work.to("fp32")  # where the models are already
     case = Case("unet", "fp32", 1, 64)
     with torch.no_grad():

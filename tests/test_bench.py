@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parity.cli import main
+from sdparity.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACT = ["run_id", "component", "impl", "dtype", "device", "device_name", "batch_size", "resolution", "warmup",
@@ -235,7 +235,8 @@ def test_only_a_dtype_without_fast_arithmetic_is_skipped_as_too_slow():
 @pytest.mark.parametrize("extra, words", [
     (["--components", "unet,clip"], "unknown component 'clip'"),
     (["--dtypes", "fp8"], "unknown dtype 'fp8'"),
-    (["--impls", "onnx"], "unknown impl 'onnx'"),
+    (["--impls", "onnx"], "unknown candidate 'onnx'"),
+    (["--impls", ""], "--impls is empty"),
     (["--batch-sizes", "0"], "--batch-sizes value must be >= 1"),
     (["--images", "0"], "--images must be >= 1"),
     (["--resolutions", "256,260"], "260 is not a positive multiple of 8"),

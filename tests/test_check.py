@@ -10,7 +10,7 @@ import math
 import pytest
 import torch.nn.functional as F
 
-from parity import cli
+from sdparity import main as cli
 from scratch_sd import loading
 
 FAST = ["--steps", "2", "--num-seeds", "1", "--no-plots", "--quiet"]
@@ -84,7 +84,7 @@ def test_tiny_gate_passes_and_writes_reports(tiny_run):
     assert ("unet", "bf16", "img2img", "0") in steps and ("all_swapped", "fp32", "txt2img", "1") in steps
     # low-precision rows carry both errors against fp32 and their ratio
     low = [r for r in rows if r["dtype"] == "bf16" and r["status"] == "compared"]
-    assert low and all(r["scratch_rel_l2_vs_fp32"] != "" and r["diffusers_rel_l2_vs_fp32"] != "" for r in low)
+    assert low and all(r["candidate_rel_l2_vs_fp32"] != "" and r["reference_rel_l2_vs_fp32"] != "" for r in low)
     summary = (out / "summary.md").read_text()
     assert "| unet |" in summary and "PASS" in summary
     assert (out / "error_by_step.png").stat().st_size > 1000 and (out / "images.png").stat().st_size > 1000
@@ -233,7 +233,7 @@ def test_injected_bug_fails_gate_and_is_localised(bug, monkeypatch, tmp_path, ca
     printed = capsys.readouterr().out
     assert code == 1
     first = [r for r in _rows(tmp_path / "l" / "localize.csv") if r["over"] == "True"][0]
-    assert first["reference"] == layer, f"{bug}: localize named {first['reference']} ({first['scratch']})"
+    assert first["reference"] == layer, f"{bug}: localize named {first['reference']} ({first['candidate']})"
     assert f"reference `{layer}`" in printed
 
 

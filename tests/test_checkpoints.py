@@ -21,13 +21,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from parity.cli import main as cli
-from scratch_sd import io, loading
+from sdparity.main import main as cli
+from scratch_sd import loading, storage
 from scratch_sd.config import CLIPTextConfig, SDConfig, UNetConfig, UnsupportedConfig, VAEConfig, preset
 from scratch_sd.convert import single_file as sf
 from scratch_sd.convert.common import ConversionError
+from scratch_sd.names import NETWORKS
 
-CLEAN_ERRORS = (io.CheckpointError, ConversionError, UnsupportedConfig)
+CLEAN_ERRORS = (storage.CheckpointError, ConversionError, UnsupportedConfig)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -78,33 +79,34 @@ def split_safetensors(path: Path) -> tuple[dict, bytes]:
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def tiny_models():
-    from parity.models import build_models
+def tiny_scratch(tiny_refs):
+    """The scratch networks converted from diffusers' tiny references (name -> module)."""
+    from conftest import scratch_from
 
-    return build_models("tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny_state(tiny_models):
-    return sf.join({n: p.scratch.state_dict() for n, p in tiny_models.pairs.items()})
+    return scratch_from(tiny_refs)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_models, tiny_state):
+def tiny_state(tiny_scratch):
+    return sf.join({n: net.state_dict() for n, net in tiny_scratch.items()})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_refs, tiny_scratch, tiny_state):
     """tiny: our exporter's .safetensors (with config metadata) and .ckpt, a plain .safetensors
     (no metadata: config inferred from shapes), and a diffusers folder written by save_pretrained."""
     from parity import zoo
     from scratch_sd.schedulers import SD15_SCHEDULER_CONFIG
 
     d = tmp_path_factory.mktemp("tiny")
-    out = {"exported": loading.export_single_file(tiny_models, d / "tiny.safetensors"),
-           "ckpt": loading.export_single_file(tiny_models, d / "tiny.ckpt")}
-    save_file(sf.write(tiny_state, tiny_models.cfg), str(d / "plain.safetensors"))
+    out = {"exported": loading.export_single_file(tiny_scratch, d / "tiny.safetensors", tiny_refs.cfg),
+           "ckpt": loading.export_single_file(tiny_scratch, d / "tiny.ckpt", tiny_refs.cfg)}
+    save_file(sf.write(tiny_state, tiny_refs.cfg), str(d / "plain.safetensors"))
     out["plain"] = d / "plain.safetensors"
     folder = d / "folder"
-    for name, pair in tiny_models.pairs.items():
-        pair.reference.save_pretrained(folder / name)
-    zoo.write_clip_tokenizer_files(folder / "tokenizer", tiny_models.cfg.text.vocab_size)
+    for name, ref in tiny_refs.networks.items():
+        ref.save_pretrained(folder / name)
+    zoo.write_clip_tokenizer_files(folder / "tokenizer", tiny_refs.cfg.text.vocab_size)
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG))
     out["folder"] = folder
@@ -144,15 +146,15 @@ def test_single_file_table_is_one_to_one_complete_and_infers_the_config(name):
     assert {k: v.shape for k, v in reading.state.items()} == ours
 
 
-def test_round_trip_is_identity_and_loads_strictly(tiny_models, tiny_state):
-    cfg = tiny_models.cfg
+def test_round_trip_is_identity_and_loads_strictly(tiny_refs, tiny_scratch, tiny_state):
+    cfg = tiny_refs.cfg
     ldm = sf.write(tiny_state, cfg)
     back = sf.read(ldm)
     assert_same_tensors(tiny_state, back.state, "scratch -> LDM -> scratch")
     assert_same_tensors(ldm, sf.write(back.state, cfg), "LDM -> scratch -> LDM")
     for name in sf.COMPONENTS:  # strict load into fresh networks
         net = loading.network(name, cfg, back.component(name))
-        assert_same_tensors(tiny_models.pairs[name].scratch.state_dict(), net.state_dict(), name)
+        assert_same_tensors(tiny_scratch[name].state_dict(), net.state_dict(), name)
 
 
 def test_config_comes_from_metadata_else_from_shapes(micro, files):
@@ -230,16 +232,16 @@ def diffusers_reads(path: Path, cfg, tmp: Path, ema: bool = False) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["exported", "ckpt", "plain"])
-def test_triangulation_exporter_our_loader_and_diffusers_agree(kind, files, tiny_models, tiny_state, tmp_path):
+def test_triangulation_exporter_our_loader_and_diffusers_agree(kind, files, tiny_refs, tiny_state, tmp_path):
     """zoo reference -> our exporter -> file -> (our loader | diffusers' from_single_file): both
     readers hold exactly the exported tensors."""
     path = files[kind]
     ours = loading.read_model(path)
-    assert ours.kind == "single" and ours.cfg == tiny_models.cfg
+    assert ours.kind == "single" and ours.cfg == tiny_refs.cfg
     assert_same_tensors(tiny_state, ours.state, f"our loader on {path.name}")
     refs = diffusers_reads(path, ours.cfg, tmp_path / "config")
     for name, ref in refs.items():
-        assert_same_tensors(tiny_models.pairs[name].reference.state_dict(), ref.state_dict(),
+        assert_same_tensors(tiny_refs.networks[name].state_dict(), ref.state_dict(),
                             f"diffusers' from_single_file {name} on {path.name}")
 
 
@@ -261,18 +263,18 @@ def test_triangulation_with_ema(micro, tmp_path):
         assert torch.equal(ours.component("unet")["conv_in.weight"], micro["state"]["unet.conv_in.weight"] * scale)
 
 
-def test_folder_is_read_as_diffusers_reads_it(files, tiny_models, tiny_state):
+def test_folder_is_read_as_diffusers_reads_it(files, tiny_refs, tiny_state):
     from parity import local_model
 
     model = loading.read_model(files["folder"])
-    assert model.kind == "diffusers" and model.cfg == tiny_models.cfg and model.cfg.name == "tiny"
+    assert model.kind == "diffusers" and model.cfg == tiny_refs.cfg and model.cfg.name == "tiny"
     assert_same_tensors(tiny_state, model.state, "folder")
-    built = local_model.build_models(files["folder"], quiet=True)  # raises if the two readers disagree
-    assert set(built.pairs) == set(sf.COMPONENTS) and built.scheduler_config["_class_name"] == "PNDMScheduler"
+    built = local_model.build_references(files["folder"], quiet=True)  # raises if the two readers disagree
+    assert set(built.networks) == set(NETWORKS) and built.scheduler_config["_class_name"] == "PNDMScheduler"
     assert len(built.tokenizer("a photo").input_ids) > 2
 
 
-def test_folder_with_shards_and_fp16_variant(files, tiny_models, tiny_state, tmp_path):
+def test_folder_with_shards_and_fp16_variant(files, tiny_refs, tiny_state, tmp_path):
     from parity import local_model
 
     folder = tmp_path / "folder"
@@ -294,8 +296,8 @@ def test_folder_with_shards_and_fp16_variant(files, tiny_models, tiny_state, tmp
     want = {k: v.half() if k.startswith("vae.") else v for k, v in tiny_state.items()}
     assert_same_tensors(want, model.state, "sharded UNet + fp16 VAE")
     assert any("fp16" in n for n in model.notes)
-    built = local_model.build_models(folder, quiet=True)
-    assert next(built.pairs["vae"].reference.parameters()).dtype == torch.float32
+    built = local_model.build_references(folder, quiet=True)
+    assert next(built.networks["vae"].parameters()).dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- sdparity convert
@@ -306,7 +308,7 @@ def test_convert_single_to_folder_to_single_and_scratch(files, tiny_state, tmp_p
     rc, out, _ = run_cli(["convert", files["plain"], "--to", "diffusers", "--out", folder], capsys)
     assert rc == 0 and "wrote" in out and (folder / "model_index.json").is_file()
     assert_same_tensors(tiny_state, loading.read_model(folder).state, "single -> folder")
-    local_model.build_models(folder, quiet=True)  # diffusers/transformers load the folder to the same weights
+    local_model.build_references(folder, quiet=True)  # diffusers/transformers load the folder to the same weights
     rc, _, _ = run_cli(["convert", folder, "--to", "single", "--out", single], capsys)
     assert rc == 0
     assert_same_tensors(load_file(str(files["plain"])), load_file(str(single)), "single -> folder -> single")

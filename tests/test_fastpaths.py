@@ -12,20 +12,36 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from parity.metrics import compare
-from parity.models import build_models
 from scratch_sd import layers
 
 MAX_REL_L2 = 1e-5  # the fp32 parity bar (design.md); never loosened
 
 
+@dataclass
+class Pair:
+    reference: torch.nn.Module  # diffusers / transformers
+    scratch: torch.nn.Module  # ours, on the same weights
+
+
+@dataclass
+class Models:
+    cfg: object
+    pairs: dict
+
+
 @pytest.fixture(scope="module")
 def models():
-    return build_models("tiny", seed=0)
+    from parity.candidates.scratch import network_from_reference
+    from parity.references import build_references
+
+    refs = build_references("tiny", seed=0)  # fresh: these tests move networks between dtypes
+    return Models(refs.cfg, {n: Pair(m, network_from_reference(n, m, refs.cfg)) for n, m in refs.networks.items()})
 
 
 def _inputs(cfg, batch=2):
@@ -65,20 +81,15 @@ def _set(models, exact: bool, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_inplace_inference_is_bit_identical_to_out_of_place(models, dtype, exact, monkeypatch):
     # oneDNN linears run in inference only (autograd keeps F.linear): off here, this test is about in-place
-    monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
     _set(models, exact, dtype)
     try:
         calls, inp = _calls(models, dtype)
         before = {k: t.clone() for k, t in inp.items()}
         for name, (ours, _) in calls.items():
-            with torch.inference_mode():
+            with torch.inference_mode(), layers.inference_options(onednn_linear=False):
                 fast = ours()
-            with torch.no_grad():
-                saved, layers.INPLACE = layers.INPLACE, False
-                try:
-                    slow = ours()
-                finally:
-                    layers.INPLACE = saved
+            with torch.no_grad(), layers.inference_options(inplace=False, onednn_linear=False):
+                slow = ours()
             with torch.enable_grad():
                 graph = ours()
             assert torch.equal(fast, slow), (name, (fast.float() - slow.float()).abs().max())
@@ -159,14 +170,14 @@ def test_fast_mode_low_precision_meets_the_gate_rule(models, dtype, monkeypatch)
 
 def test_linear_projection_unet_in_both_modes():
     """SD 2-style linear proj_in/proj_out (use_linear_projection) under both formats."""
-    from parity.models import scratch_from_reference
+    from parity.candidates.scratch import network_from_reference
     from parity.zoo import reference_unet
     from scratch_sd.config import replace, tiny
 
     cfg = tiny()
     cfg = replace(cfg, unet=replace(cfg.unet, use_linear_projection=True))
     ref = reference_unet(cfg, 0)
-    ours = scratch_from_reference("unet", ref, cfg)
+    ours = network_from_reference("unet", ref, cfg)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, cfg.unet.in_channels, 8, 8, generator=g)
     c = torch.randn(1, 77, cfg.text.width, generator=g)
@@ -179,10 +190,11 @@ def test_linear_projection_unet_in_both_modes():
 
 def test_ablation_tiny_writes_its_schema(tmp_path):
     from benchmarks import ablation
+    from sdparity.main import main
 
-    assert ablation.main(["--preset", "tiny", "--components", "unet", "--dtypes", "fp32",
-                          "--repeats", "1", "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "ablation.csv")))
+    assert main(["ablation", "--preset", "tiny", "--components", "unet", "--dtypes", "fp32",
+                          "--repeats", "1", "--out", str(tmp_path / "abl")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "abl" / "ablation.csv")))
     assert list(rows[0]) == list(ablation.COLUMNS)
     assert {(r["component"], r["impl"]) for r in rows} == {
         (c, i) for c in ("unet",) for i in ("diffusers", *ablation.VARIANTS)}
@@ -190,15 +202,15 @@ def test_ablation_tiny_writes_its_schema(tmp_path):
         assert float(r["median_ms"]) > 0 and float(r["peak_mem_mb"]) >= 0
         if r["impl"] in ("diffusers", "before", "inplace"):
             assert float(r["max_abs_vs_diffusers"]) == 0.0, r  # exact variants stay exact
-    assert "| unet | fp32 | channels_last |" in (tmp_path / "ablation.md").read_text()
+    assert "| unet | fp32 | channels_last |" in (tmp_path / "abl" / "ablation.md").read_text()
 
 
 def test_ablation_rejects_unknown_names(tmp_path, capsys):
-    from benchmarks import ablation
+    from sdparity.main import main
 
-    assert ablation.main(["--preset", "tiny", "--components", "unett", "--out", str(tmp_path / "a")]) == 2
+    assert main(["ablation", "--preset", "tiny", "--components", "unett", "--out", str(tmp_path / "a")]) == 2
     assert "error: unknown component 'unett'" in capsys.readouterr().err
-    assert ablation.main(["--preset", "tiny", "--dtypes", "fp8", "--out", str(tmp_path / "b")]) == 2
+    assert main(["ablation", "--preset", "tiny", "--dtypes", "fp8", "--out", str(tmp_path / "b")]) == 2
     assert "error: unknown dtype 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
 

@@ -14,11 +14,14 @@ import PIL.Image
 import pytest
 import torch
 
-from parity import cli
-from parity.generate import MAX_ABS, MIN_PSNR_DB, diffusers_pipeline, scratch_pipeline
+from conftest import scratch_from
 from parity.metrics import compare
+from parity.pipelines import reference_pipeline, scratch_pipeline, scratch_pipeline_from_preset
+from scratch_sd.images import preprocess_image
 from scratch_sd.loading import weight_files
-from scratch_sd.pipeline import PIPELINE_SCHEDULERS, PromptTruncated, ScratchPipeline, make_scheduler, preprocess_image
+from scratch_sd.pipeline import PIPELINE_SCHEDULERS, PromptTruncated, ScratchPipeline, make_scheduler
+from sdparity.generate import MAX_ABS, MIN_PSNR_DB
+from sdparity.main import main as cli_main
 
 PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
 STEPS = 4
@@ -26,11 +29,23 @@ STRENGTH = 0.75  # 4 steps x 0.75: 3 denoising steps
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-@pytest.fixture(scope="module")
-def tiny_models():
-    from parity.models import build_models
+class Models:
+    """A References and scratch networks holding its weights: both pipelines over the same weights."""
 
-    return build_models("tiny")
+    def __init__(self, refs, nets: dict):
+        self.refs, self.nets = refs, nets
+        self.cfg, self.tokenizer = refs.cfg, refs.tokenizer
+
+    def scratch(self, scheduler: str = "pndm") -> ScratchPipeline:
+        return scratch_pipeline(self.nets, self.refs.tokenizer, scheduler, self.refs.scheduler_config, self.refs.cfg)
+
+    def diffusers(self, scheduler: str = "pndm", img2img: bool = False):
+        return reference_pipeline(self.refs, scheduler, "img2img" if img2img else "txt2img")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_refs):
+    return Models(tiny_refs, scratch_from(tiny_refs))
 
 
 def picture(width: int = 64, height: int = 64, phase: float = 0.0) -> PIL.Image.Image:
@@ -52,8 +67,8 @@ def run_both(models, scheduler: str, img2img: bool = False, **kwargs):
         return torch.Generator().manual_seed(seed)
 
     kwargs.setdefault("output_type", "np")
-    ours = scratch_pipeline(models, scheduler)(**kwargs, generator=generator(), progress=False).images
-    ref_pipe = diffusers_pipeline(models, scheduler, img2img=img2img)
+    ours = models.scratch(scheduler)(**kwargs, generator=generator(), progress=False).images
+    ref_pipe = models.diffusers(scheduler, img2img=img2img)
     ref_pipe.set_progress_bar_config(disable=True)
     theirs = ref_pipe(**kwargs, generator=generator()).images
     return ours, theirs
@@ -96,7 +111,7 @@ def test_matches_diffusers(tiny_models, scheduler, mode, guidance_scale):
 
 def test_guidance_changes_the_image(tiny_models):
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=STEPS, output_type="np", progress=False)
-    pipe = scratch_pipeline(tiny_models, "ddim")
+    pipe = tiny_models.scratch("ddim")
     on = pipe(**kwargs, guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images
     off = pipe(**kwargs, guidance_scale=1.0, generator=torch.Generator().manual_seed(0)).images
     assert float(np.abs(on - off).max()) > 1e-3
@@ -111,7 +126,7 @@ def test_negative_prompts(tiny_models):
 
 
 def test_one_negative_prompt_applies_to_every_prompt(tiny_models):
-    pipe = scratch_pipeline(tiny_models, "ddim")
+    pipe = tiny_models.scratch("ddim")
     kwargs = dict(prompt=PROMPTS, num_inference_steps=2, output_type="np", progress=False)
     one = pipe(**kwargs, negative_prompt="blurry", generator=torch.Generator().manual_seed(0)).images
     each = pipe(**kwargs, negative_prompt=["blurry", "blurry"], generator=torch.Generator().manual_seed(0)).images
@@ -161,7 +176,7 @@ def test_explicit_latents_and_size(tiny_models):
 
 
 def test_output_types(tiny_models):
-    pipe = scratch_pipeline(tiny_models, "euler")
+    pipe = tiny_models.scratch("euler")
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, progress=False)
     out = {t: pipe(**kwargs, output_type=t, generator=torch.Generator().manual_seed(0)).images
            for t in ("pil", "np", "pt", "latent")}
@@ -170,7 +185,7 @@ def test_output_types(tiny_models):
     assert out["pt"].shape == (1, 3, 64, 64)
     np.testing.assert_array_equal(out["pt"].permute(0, 2, 3, 1).numpy(), out["np"])
     assert out["latent"].shape == (1, 4, 8, 8)
-    ref = diffusers_pipeline(tiny_models, "euler")
+    ref = tiny_models.diffusers("euler")
     ref.set_progress_bar_config(disable=True)
     theirs = ref(prompt=PROMPTS[0], num_inference_steps=2, output_type="latent",
                  generator=torch.Generator().manual_seed(0)).images
@@ -196,7 +211,7 @@ def test_long_prompt_is_truncated_with_a_warning_naming_the_dropped_text(tiny_mo
 
 def test_callback_sees_every_step(tiny_models):
     seen = []
-    pipe = scratch_pipeline(tiny_models, "pndm")
+    pipe = tiny_models.scratch("pndm")
     out = pipe(PROMPTS, num_inference_steps=3, output_type="latent", progress=False,
                callback=lambda i, t, latents, noise_pred: seen.append((i, int(t), latents.shape, noise_pred.shape)),
                generator=torch.Generator().manual_seed(0))
@@ -207,7 +222,7 @@ def test_callback_sees_every_step(tiny_models):
 
 
 def test_progress_bar_can_be_turned_off(tiny_models, capsys):
-    pipe = scratch_pipeline(tiny_models, "ddim")
+    pipe = tiny_models.scratch("ddim")
     pipe(PROMPTS[0], num_inference_steps=2, output_type="latent", progress=False)
     assert capsys.readouterr().err == ""
     pipe(PROMPTS[0], num_inference_steps=2, output_type="latent", progress=True)
@@ -226,25 +241,29 @@ def test_preprocess_matches_diffusers():
 
 # --------------------------------------------------------------------------- construction
 def test_from_preset_gives_the_zoo_weights(tiny_models):
-    pipe = ScratchPipeline.from_preset("tiny", scheduler="ddim", seed=0)
+    pipe = scratch_pipeline_from_preset("tiny", scheduler="ddim", seed=0)
     kwargs = dict(prompt=PROMPTS[0], num_inference_steps=2, output_type="np", progress=False)
     a = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
-    b = scratch_pipeline(tiny_models, "ddim")(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    b = tiny_models.scratch("ddim")(**kwargs, generator=torch.Generator().manual_seed(0)).images
     np.testing.assert_array_equal(a, b)
 
 
 def test_from_pretrained_diffusers_folder(tiny_models, tmp_path):
     """A diffusers folder written by diffusers/transformers' save_pretrained loads and matches."""
-    ref = diffusers_pipeline(tiny_models, "euler")
+    from parity.zoo import folder_tokenizer
+
+    ref = tiny_models.diffusers("euler")
     ref.save_pretrained(tmp_path / "model")
-    pipe = ScratchPipeline.from_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="needs tokenizer="):
+        ScratchPipeline.from_pretrained(tmp_path / "model")
+    pipe = ScratchPipeline.from_pretrained(tmp_path / "model", tokenizer=folder_tokenizer)  # a loader of the folder
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     kwargs = dict(prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np")
     ours = pipe(**kwargs, progress=False, generator=torch.Generator().manual_seed(0)).images
     ref.set_progress_bar_config(disable=True)
     assert_same_images(ours, ref(**kwargs, generator=torch.Generator().manual_seed(0)).images, "from_pretrained")
-    other = ScratchPipeline.from_pretrained(tmp_path / "model", scheduler="lms")
-    assert type(other.scheduler).__name__ == "LMSDiscreteScheduler"
+    other = ScratchPipeline.from_pretrained(tmp_path / "model", scheduler="lms", tokenizer=tiny_models.tokenizer)
+    assert type(other.scheduler).__name__ == "LMSDiscreteScheduler" and other.tokenizer is tiny_models.tokenizer
 
 
 def test_weight_files_prefers_safetensors_then_the_fp16_variant(tmp_path):
@@ -294,31 +313,33 @@ def test_bad_inputs_are_clear_value_errors(tiny_models, kwargs, match):
     kwargs.setdefault("prompt", PROMPTS[0])
     kwargs.setdefault("num_inference_steps", 2)
     with pytest.raises(ValueError, match=match):
-        scratch_pipeline(tiny_models, "ddim")(**kwargs, progress=False)
+        tiny_models.scratch("ddim")(**kwargs, progress=False)
 
 
 def test_unknown_scheduler(tiny_models):
     with pytest.raises(ValueError, match=r"unknown scheduler 'heun'; known: ddpm, ddim, pndm"):
         make_scheduler("heun")
     with pytest.raises(ValueError, match="unknown scheduler"):
-        scratch_pipeline(tiny_models, "ddim").set_scheduler("sde_ve")
+        tiny_models.scratch("ddim").set_scheduler("sde_ve")
     with pytest.raises(ValueError, match="unknown scheduler"):
-        ScratchPipeline.from_preset("tiny", scheduler="nope")
+        scratch_pipeline_from_preset("tiny", scheduler="nope")
 
 
 # --------------------------------------------------------------------------- CLI
 @pytest.fixture
 def cached_models(tiny_models, monkeypatch):
-    """The CLI builds its models through parity.models.build_models: hand it the module's tiny models."""
-    import parity.models
+    """The CLI builds its references through parity.references.build_references: hand it the session's
+    tiny references (the scratch side converts their weights, as the module's scratch networks do)."""
+    import parity.references
 
-    monkeypatch.setattr(parity.models, "build_models", lambda preset_name="tiny", seed=0, **_: tiny_models)
+    monkeypatch.setattr(parity.references, "build_references",
+                        lambda preset_name="tiny", model=None, components=None, seed=0, **_: tiny_models.refs)
     return tiny_models
 
 
 def test_cli_generate_writes_the_png(cached_models, tmp_path, capsys):
     out = tmp_path / "sub" / "fox.png"
-    rc = cli.main(["generate", "--prompt", PROMPTS[0], "--steps", "2", "--scheduler", "euler", "--no-progress",
+    rc = cli_main(["generate", "--prompt", PROMPTS[0], "--steps", "2", "--scheduler", "euler", "--no-progress",
                    "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     with PIL.Image.open(out) as im:
@@ -326,7 +347,7 @@ def test_cli_generate_writes_the_png(cached_models, tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["fox.png"]  # no temporary file left behind
     assert "wrote" in capsys.readouterr().out
     ref = tmp_path / "sub" / "fox_diffusers.png"
-    assert cli.main(["generate", "--prompt", PROMPTS[0], "--steps", "2", "--scheduler", "euler", "--no-progress",
+    assert cli_main(["generate", "--prompt", PROMPTS[0], "--steps", "2", "--scheduler", "euler", "--no-progress",
                      "--impl", "diffusers", "--out", str(ref)]) == 0
     with PIL.Image.open(out) as a, PIL.Image.open(ref) as b:
         levels = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
@@ -335,7 +356,7 @@ def test_cli_generate_writes_the_png(cached_models, tmp_path, capsys):
 
 def test_cli_generate_compare_prints_psnr(cached_models, tmp_path, capsys):
     out = tmp_path / "cmp.png"
-    rc = cli.main(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", "blurry",
+    rc = cli_main(["generate", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--negative-prompt", "blurry",
                    "--num-images", "2", "--steps", "3", "--scheduler", "dpmpp_2m", "--compare", "--no-progress",
                    "--out", str(out)])
     text = capsys.readouterr().out
@@ -349,7 +370,7 @@ def test_cli_generate_img2img_compare(cached_models, tmp_path, capsys):
     init = tmp_path / "init.png"
     picture(80, 72).save(init)
     out = tmp_path / "img.png"
-    rc = cli.main(["generate", "--prompt", PROMPTS[0], "--init-image", str(init), "--strength", "0.5",
+    rc = cli_main(["generate", "--prompt", PROMPTS[0], "--init-image", str(init), "--strength", "0.5",
                    "--height", "64", "--width", "64", "--steps", "4", "--scheduler", "lms", "--compare",
                    "--no-progress", "--out", str(out)])
     text = capsys.readouterr().out
@@ -376,7 +397,7 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, capsys, args,
     picture().save(init)
     args = [{"INIT": str(init), "MISSING": str(tmp_path / "missing.png")}.get(a, a) for a in args]
     out = tmp_path / "out.png"
-    rc = cli.main(["generate", "--prompt", "a", *args, "--out", str(out)])
+    rc = cli_main(["generate", "--prompt", "a", *args, "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and match in err, err
@@ -384,12 +405,27 @@ def test_cli_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, capsys, args,
 
 
 def test_cli_out_must_be_png(tmp_path, capsys):
-    assert cli.main(["generate", "--prompt", "a", "--out", str(tmp_path / "x.jpg")]) == 2
+    assert cli_main(["generate", "--prompt", "a", "--out", str(tmp_path / "x.jpg")]) == 2
     assert ".png" in capsys.readouterr().err
 
 
+def test_cli_existing_out_is_refused_unless_force(cached_models, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    out.write_bytes(b"precious")
+    argv = ["generate", "--prompt", PROMPTS[0], "--steps", "2", "--scheduler", "euler", "--no-progress",
+            "--out", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "exists" in err and "--force" in err, err
+    assert out.read_bytes() == b"precious"  # refused before any work: the file is kept
+    assert cli_main([*argv, "--force"]) == 0, capsys.readouterr().err
+    with PIL.Image.open(out) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+    assert [p.name for p in tmp_path.iterdir()] == ["fox.png"]  # replaced in place, no temporary left
+
+
 def test_comparison_picture_scales_the_heat_map_to_the_largest_difference():
-    from parity.generate import comparison_picture
+    from sdparity.generate import comparison_picture
 
     ref = np.zeros((2, 8, 8, 3), np.float32)
     out = ref.copy()
@@ -405,9 +441,10 @@ def test_comparison_picture_scales_the_heat_map_to_the_largest_difference():
 # --------------------------------------------------------------------------- sd15 (slow)
 @pytest.fixture(scope="module")
 def sd15_models():
-    from parity.models import build_models
+    from parity.references import build_references
 
-    return build_models("sd15")
+    refs = build_references("sd15")
+    return Models(refs, scratch_from(refs))
 
 
 SD15_CASES = [

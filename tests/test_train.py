@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity import cli
+from sdparity import main as cli
 from scratch_sd import train
+from sdparity import digits
 
 TINY_RUN = ["--steps", "30", "--batch-size", "32", "--lr", "4e-3", "--width", "8", "--samples-per-digit", "1", "--ddpm-steps", "2",
             "--sde-steps", "2", "--min-accuracy", "0", "--quiet"]
@@ -113,10 +114,10 @@ def test_accumulation_equals_the_full_batch_and_clipping_bounds_the_step():
 def test_bf16_autocast_runs_the_unet_forward_in_bf16():
     from scratch_sd.schedulers import get_scheduler
 
-    model = train.ClassConditionedUNet(train.digits_unet_config(8))
+    model = digits.ClassConditionedUNet(digits.digits_unet_config(8))
     seen = []
     model.unet.conv_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    loss = train.noise_prediction_loss(model, get_scheduler("ddpm", train.DDPM_SCHEDULER_CONFIG),
+    loss = train.noise_prediction_loss(model, get_scheduler("ddpm", digits.DDPM_SCHEDULER_CONFIG),
                                        torch.randn(2, 1, 16, 16), torch.tensor([1, 2]),
                                        autocast_dtype=torch.bfloat16)
     assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -158,14 +159,14 @@ def test_short_digits_training_loss_falls_and_writes_every_file(tmp_path, capsys
 
 
 def test_checkpoint_round_trip_restores_model_ema_and_optimizer(tmp_path):
-    from scratch_sd.io import load_state_dict, save_state_dict
+    from scratch_sd.storage import load_state_dict, save_state_dict
 
-    cfg = train.DigitsTrainConfig(steps=2, batch_size=4, seed=3)
+    cfg = digits.DigitsTrainConfig(steps=2, batch_size=4, seed=3)
     images, labels = torch.rand(16, 1, 16, 16) * 2 - 1, torch.arange(16) % 10
-    a = train.DigitsTrainer(train.DDPMObjective(), train.digits_unet_config(8), cfg)
+    a = digits.DigitsTrainer(digits.DDPMObjective(), digits.digits_unet_config(8), cfg)
     a.train(images, labels)
     save_state_dict(a.state_dict("ddpm."), tmp_path / "c.safetensors")
-    b = train.DigitsTrainer(train.DDPMObjective(), train.digits_unet_config(8), cfg)
+    b = digits.DigitsTrainer(digits.DDPMObjective(), digits.digits_unet_config(8), cfg)
     b.load_state_dict(load_state_dict(tmp_path / "c.safetensors"), "ddpm.")
     assert b.step == 2
     for k, v in a.model.state_dict().items():
@@ -178,10 +179,10 @@ def test_checkpoint_round_trip_restores_model_ema_and_optimizer(tmp_path):
 
 
 def test_samplers_return_images_of_the_requested_shape():
-    model = train.ClassConditionedUNet(train.digits_unet_config(8)).eval()
+    model = digits.ClassConditionedUNet(digits.digits_unet_config(8)).eval()
     labels = torch.tensor([0, 7])
-    for objective, steps in ((train.DDPMObjective(), 3), (train.DDPMObjective(sampler="ddpm"), 3),
-                             (train.VESDEObjective(correct_steps=1), 3)):
+    for objective, steps in ((digits.DDPMObjective(), 3), (digits.DDPMObjective(sampler="ddpm"), 3),
+                             (digits.VESDEObjective(correct_steps=1), 3)):
         x = objective.sample(model, labels, (1, 16, 16), steps=steps, guidance=2.0,
                              generator=torch.Generator().manual_seed(0))
         assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
@@ -205,9 +206,9 @@ def test_bad_input_exits_2_with_one_line(args, words, tmp_path, capsys):
 
 
 def test_resume_checkpoint_of_another_shape_exits_2(tmp_path, capsys):
-    from scratch_sd.io import save_state_dict
+    from scratch_sd.storage import save_state_dict
 
-    other = train.DigitsTrainer(train.DDPMObjective(), train.digits_unet_config(16), train.DigitsTrainConfig())
+    other = digits.DigitsTrainer(digits.DDPMObjective(), digits.digits_unet_config(16), digits.DigitsTrainConfig())
     ckpt = tmp_path / "other.safetensors"
     save_state_dict(other.state_dict("ddpm."), ckpt)
     out = tmp_path / "out"
