@@ -348,7 +348,7 @@ class OnnxRuntimeCandidate(CandidateBase):
     profile = "exact"
 
     def __init__(self, say=None):
-        self.say = say or _stderr
+        self.say = say if say is not None else _stderr
 
     def unavailable(self) -> str | None:
         try:
