@@ -197,3 +197,17 @@ def test_localize_sees_inside_every_graph(tmp_path, capsys):
         layers = list(csv.DictReader(open(loc / "localize.csv")))
         assert len(layers) >= at_least and not [r for r in layers if r["over"] == "True"], component
         assert "paired layers seen" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- sd15 size (slow)
+@pytest.mark.slow
+def test_sd15_gate_passes_fp32(tmp_path):
+    """Full SD 1.5 size (seeded weights): the UNet graph is 3.4 GB, so its weights go to
+    model.onnx.data beside the graph; export ~4 min, the gate ~10 min on 2 cores."""
+    out = tmp_path / "c"
+    assert main(["check", "--preset", "sd15", "--candidates", "onnxruntime", "--components", "text_encoder,vae,unet",
+                 "--dtypes", "fp32", "--modes", "txt2img", "--num-seeds", "1", "--no-plots", "--quiet",
+                 "--out", str(out)]) == 0
+    rows = [r for r in csv.DictReader(open(out / "parity.csv")) if r["status"] == "compared"]
+    assert {r["component"] for r in rows} >= {"text_encoder", "vae", "unet", "all_swapped"}
+    assert all(r["passed"] == "True" for r in rows)

@@ -201,3 +201,14 @@ def test_compiled_text_encoder_is_compiled_and_passes(tmp_path):
     from torch._dynamo.utils import counters
 
     assert counters["stats"]["unique_graphs"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_sd15_gate_passes_fp32(tmp_path):
+    out = tmp_path / "c"
+    assert main(["check", "--preset", "sd15", "--candidates", "compiled", "--components", "text_encoder,vae,unet",
+                 "--dtypes", "fp32", "--modes", "txt2img", "--num-seeds", "1", "--no-plots", "--quiet",
+                 "--out", str(out)]) == 0
+    rows = [r for r in _rows(out) if r["status"] == "compared"]
+    assert {r["component"] for r in rows} >= {"text_encoder", "vae", "unet", "all_swapped"}
+    assert all(r["passed"] == "True" for r in rows)
