@@ -44,6 +44,7 @@ from scratch_sd.config import SDConfig
 from scratch_sd.images import check_size, load_image, postprocess, preprocess_image
 from scratch_sd.loading import load_network, load_sd_config, read_json as _read_json
 from scratch_sd.names import NETWORKS
+from scratch_sd.schedulers import img2img_timesteps
 
 Tensor = torch.Tensor
 
@@ -222,16 +223,8 @@ class ScratchPipeline:
 
     # ---- 2. timesteps (img2img)
     def img2img_timesteps(self, num_inference_steps: int, strength: float) -> tuple[Tensor, int]:
-        """The last int(n * strength) steps of the schedule (diffusers' get_timesteps); the scheduler is
-        told where it starts (`set_begin_index`), so add_noise and the first step use that sigma."""
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-        t_start = max(num_inference_steps - init_timestep, 0)
-        order = getattr(self.scheduler, "order", 1)
-        timesteps = self.scheduler.timesteps[t_start * order:]
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(t_start * order)
-        return timesteps, num_inference_steps - t_start
+        """The last int(n * strength) steps of the schedule (schedulers.img2img_timesteps)."""
+        return img2img_timesteps(self.scheduler, num_inference_steps, strength, self.device)
 
     # ---- 3. latents
     def prepare_latents(self, batch: int, height: int, width: int, dtype, generator, latents: Tensor | None) -> Tensor:

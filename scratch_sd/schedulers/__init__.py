@@ -59,7 +59,8 @@ def get_scheduler(name: str, config: Mapping[str, Any] | None = None, **override
     return SCHEDULERS[name].from_config(config or {}, **overrides)
 
 
-def img2img_timesteps(scheduler, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+def img2img_timesteps(scheduler, num_inference_steps: int, strength: float,
+                      device: str | torch.device | None = None) -> tuple[torch.Tensor, int]:
     """The denoising schedule of img2img at `strength` (diffusers' StableDiffusionImg2ImgPipeline.get_timesteps).
 
     Sets the scheduler's timesteps, keeps the last int(n * strength) of them (times `scheduler.order`
@@ -68,12 +69,13 @@ def img2img_timesteps(scheduler, num_inference_steps: int, strength: float) -> t
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"The value of strength should in [0.0, 1.0] but is {strength}")
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler.set_timesteps(num_inference_steps, device=device)
     init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
     t_start = max(num_inference_steps - init_timestep, 0)
-    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    order = getattr(scheduler, "order", 1)
+    timesteps = scheduler.timesteps[t_start * order:]
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(t_start * scheduler.order)
+        scheduler.set_begin_index(t_start * order)
     return timesteps, num_inference_steps - t_start
 
 

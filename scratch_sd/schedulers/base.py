@@ -277,3 +277,32 @@ def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int
             f" {num_train_timesteps} as the unet model trained with this scheduler can only handle"
             f" maximal {num_train_timesteps} timesteps.")
     return num_inference_steps
+
+
+class StepIndexed(Scheduler):
+    """The step bookkeeping of diffusers' sigma and multistep schedulers (Euler, DPM-Solver): which
+    entry of the schedule the next `step` uses, and where img2img begins (`set_begin_index`).
+    Subclasses define `index_for_timestep` and set `_step_index = _begin_index = None` in set_timesteps."""
+
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """img2img: the pipeline starts part-way, at timesteps[begin_index]."""
+        self._begin_index = begin_index
+
+    def _init_step_index(self, timestep) -> None:
+        if self.begin_index is None:
+            if isinstance(timestep, torch.Tensor):
+                timestep = timestep.to(self.timesteps.device)
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index

@@ -165,11 +165,6 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps
 # ---- sigmas (k-diffusion / EDM parameterisation: x_t = x_0 + sigma * eps, sigma = sqrt((1-abar)/abar)) ---
 
 
-def sigmas_from_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), float32, ascending in t (Karras et al. 2022, VP->VE)."""
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
 def interp_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:
     """sigma at (possibly fractional) timesteps by linear interpolation over the training grid (float64)."""
     return np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import COMMON_CHECKS, Flag, Number, OneOf, Scheduler, SchedulerOutput, check_num_inference_steps, configured
+from .base import COMMON_CHECKS, Flag, Number, OneOf, SchedulerOutput, StepIndexed, check_num_inference_steps, configured
 from .common import broadcast_to_sample, interp_sigmas, karras_sigmas, randn_tensor, sigma_to_t, vp_tables
 from .common import leading_timesteps, linspace_timesteps, trailing_timesteps
 
@@ -101,7 +101,7 @@ def dpm_timesteps(spacing: str, num_train_timesteps: int, last_timestep: int, nu
     raise ValueError(f"unsupported value timestep_spacing={spacing!r}")
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(StepIndexed):
     """DPM-Solver++ multistep with diffusers' DPMSolverMultistepScheduler semantics."""
 
     DIFFUSERS_NAME = "DPMSolverMultistepScheduler"
@@ -152,16 +152,6 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._step_index = None
         self._begin_index = None
 
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
@@ -233,13 +223,6 @@ class DPMSolverMultistepScheduler(Scheduler):
             return index_candidates[1].item()
         return index_candidates[0].item()
 
-    def _init_step_index(self, timestep) -> None:
-        if self.begin_index is None:
-            if isinstance(timestep, torch.Tensor):
-                timestep = timestep.to(self.timesteps.device)
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None, variance_noise: torch.Tensor | None = None,

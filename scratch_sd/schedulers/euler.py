@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import COMMON_CHECKS, Flag, Number, OneOf, Scheduler, SchedulerOutput, check_num_inference_steps, configured
+from .base import COMMON_CHECKS, Flag, Number, OneOf, SchedulerOutput, StepIndexed, check_num_inference_steps, configured
 from .common import (broadcast_to_sample, interp_sigmas, karras_sigmas, randn_tensor, sigma_to_t, spaced_timesteps,
                      vp_tables)
 
@@ -81,7 +81,7 @@ def discrete_sigma_schedule(cfg, alphas_cumprod: torch.Tensor, num_inference_ste
     return timesteps, sigmas
 
 
-class _SigmaScheduler(Scheduler):
+class _SigmaScheduler(StepIndexed):
     """Shared machinery of the sigma-space schedulers: step index bookkeeping, input scaling, add_noise."""
 
     @property
@@ -92,17 +92,6 @@ class _SigmaScheduler(Scheduler):
             return max_sigma
         return (max_sigma**2 + 1) ** 0.5
 
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """img2img: the pipeline starts part-way, at timesteps[begin_index]."""
-        self._begin_index = begin_index
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of `timestep` in the schedule; the second match when it repeats (so img2img skips no sigma)."""
@@ -112,13 +101,6 @@ class _SigmaScheduler(Scheduler):
         pos = 1 if len(indices) > 1 else 0
         return indices[pos].item()
 
-    def _init_step_index(self, timestep) -> None:
-        if self.begin_index is None:
-            if isinstance(timestep, torch.Tensor):
-                timestep = timestep.to(self.timesteps.device)
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x / sqrt(sigma^2 + 1): the UNet was trained on VP inputs (c_in of Karras et al. 2022, Table 1)."""
