@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import cases as C
+from parity.gate import names_list
 
 PRESET_DEFAULTS = {
     # tiny: whole run under a minute, every component and sweep exercised.
@@ -27,13 +28,7 @@ class BenchSettingsError(ValueError):
 
 
 def _names(text: str, known, what: str, open_ended: bool = False) -> tuple[str, ...]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise BenchSettingsError(f"--{what} is empty")
-    bad = [n for n in names if n not in known and not (open_ended and n)]
-    if bad:
-        raise BenchSettingsError(f"unknown {what.rstrip('s')} {bad[0]!r}; known: {', '.join(known)}")
-    return tuple(dict.fromkeys(names))
+    return names_list(text, known, what, BenchSettingsError, open_ended)
 
 
 def _ints(text: str, what: str) -> list[int]:

@@ -42,15 +42,18 @@ class SettingsError(ValueError):
     """A gate setting is out of range or unknown (the CLI: exit 2)."""
 
 
-def names_list(value, allowed, what: str) -> tuple[str, ...]:
-    """A comma string or a sequence of names, each one of `allowed`, duplicates dropped."""
+def names_list(value, allowed, what: str, error: type[Exception] | None = None,
+               open_ended: bool = False) -> tuple[str, ...]:
+    """A comma string or a sequence of names, each one of `allowed` (any name when `open_ended`),
+    duplicates dropped; `error` (default SettingsError) names the first bad one."""
+    error = error or SettingsError
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
     items = [v for v in items if v]
     if not items:
-        raise SettingsError(f"--{what} is empty")
-    bad = [v for v in items if v not in allowed]
+        raise error(f"--{what} is empty")
+    bad = [v for v in items if v not in allowed and not open_ended]
     if bad:
-        raise SettingsError(f"unknown {what.rstrip('s')} {bad[0]!r}; known: {', '.join(allowed)}")
+        raise error(f"unknown {what.rstrip('s')} {bad[0]!r}; known: {', '.join(allowed)}")
     return tuple(dict.fromkeys(items))
 
 
