@@ -168,10 +168,15 @@ def _tamper(cache, graph: str, initializer: str, factor: float):
     (entry / "tapped.onnx").unlink(missing_ok=True)
 
 
-def test_a_bad_graph_fails_the_gate_and_localize_names_its_layer(tiny_refs, tmp_path, monkeypatch, capsys):
-    cache = tmp_path / "bad-cache"
-    monkeypatch.setenv("SDPARITY_CACHE", str(cache))
-    build(tiny_refs, "unet", cache)  # fp32 only in this cache
+def test_a_bad_graph_fails_the_gate_and_localize_names_its_layer(tiny_refs, cache, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    bad_cache = tmp_path / "bad-cache"
+    monkeypatch.setenv("SDPARITY_CACHE", str(bad_cache))
+    build(tiny_refs, "unet", cache)  # the shared cache's export (made by an earlier test, or now)
+    key = onnxrt.cache_key(tiny_refs.weights_hash("unet"), "unet", torch.float32)
+    shutil.copytree(cache / "onnx" / f"unet-{key}", bad_cache / "onnx" / f"unet-{key}")  # fp32 only here
+    cache = bad_cache
     _tamper(cache, "unet", "net.down_blocks.1.resnets.0.conv1.weight", 1.01)
 
     out = tmp_path / "c"
