@@ -5,7 +5,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdparity.common import progress_printer
+from sdparity.common import UsageError, progress_printer
 
 
 def add_parser(sub) -> None:
@@ -35,7 +35,10 @@ def add_parser(sub) -> None:
                         "diffusers' kernels: bit-identical) instead of the default fast mode")
     p.add_argument("--tolerances", default=None, help="a tolerance TOML file replacing parity/tolerances.toml")
     p.add_argument("--out", default=None, help="run folder (default reports/check-<time>)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--junit-xml", default=None, metavar="FILE",
+                   help="also write the gate as JUnit XML (testsuite per component, testcase per candidate x "
+                        "dtype x mode x scheduler group; see docs/pytest-plugin.md)")
+    p.add_argument("--force", action="store_true", help="replace --out (and --junit-xml) if it exists")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
@@ -67,10 +70,17 @@ def run(args) -> int:
     settings = settings_of(args)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("check-%Y%m%d-%H%M%S")
     check_target(out, "dir", args.force)  # before any work
+    junit = check_target(args.junit_xml, "file", args.force, option="--junit-xml") if args.junit_xml else None
+    if junit is not None and junit.absolute() == out.absolute():
+        raise UsageError(f"--junit-xml {args.junit_xml!r} is the --out folder; name a file")
     Table.load(settings.tolerances)
     load_candidates(settings)  # a bad candidate: one line, before any model is built
     result = run_gate(settings, progress_printer("check", args.quiet))
     paths = report.write_check(result, out, plots=not args.no_plots, force=args.force)
+    if junit is not None:  # after the run folder: --junit-xml may lie inside it
+        from parity.junit import write_junit
+
+        paths["junit"] = write_junit(result, junit, force=args.force)
     return verdict(result, paths)
 
 
