@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
 from parity.metrics import compare
+from parity.scheduler_variants import SD15, Variant, variants_for  # noqa: F401 (re-exported)
 from scratch_sd import schedulers as ours_mod
 
 DEFAULT_STEPS = (1, 2, 10, 20, 50, 1000)
@@ -28,22 +28,6 @@ UNET_STEPS = (1, 2, 10, 50)
 LATENT_SHAPE = (1, 4, 8, 8)
 SEED = 0
 LATENT_ATOL = 1e-6
-
-SD15 = {k: v for k, v in ours_mod.SD15_SCHEDULER_CONFIG.items() if not k.startswith("_")}
-
-
-@dataclass
-class Variant:
-    """One config of one scheduler: config overrides on the base, step() kwargs, the model's output shape."""
-
-    name: str  # registry name
-    label: str  # e.g. "ddim[spacing=trailing,pred=v_prediction,eta=0.0]"
-    config: dict
-    step_kwargs: dict = field(default_factory=dict)
-    model: str = "eps"  # "eps" | "learned" | "learned_range" (DDPM: model also predicts the variance)
-    long: bool = False  # also run the 1000-step loop
-    unet: bool = False  # also run the loop with the real UNet, when one is given (the SD 1.5 config variant)
-
 
 def model_fn(sample: torch.Tensor, t: Any) -> torch.Tensor:
     """A smooth, deterministic stand-in for the UNet: eps = 0.1 x + 0.05 sin(x + t / 100)."""
@@ -82,107 +66,6 @@ def _with_variance(eps: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "learned_range":  # an interpolation weight in [-1, 1]
         return torch.cat([eps, torch.tanh(eps)], dim=1)
     return eps
-
-
-# --------------------------------------------------------------------------------------------- variants
-
-
-def _label(name: str, parts: dict) -> str:
-    return f"{name}[" + ",".join(f"{k}={v}" for k, v in parts.items()) + "]"
-
-
-def variants_for(name: str) -> list[Variant]:
-    """The config variants checked for one scheduler (one factor at a time around SD 1.5, plus crosses)."""
-    cls = ours_mod.SCHEDULERS[name]
-    keys = set(cls.config_keys())
-    out: list[Variant] = []
-
-    def add(parts: dict, config: dict, step_kwargs: dict | None = None, model: str = "eps", long: bool = False,
-            unet: bool = False):
-        out.append(Variant(name, _label(name, parts), config, step_kwargs or {}, model, long, unet))
-
-    if name == "sde_ve":
-        add({"config": "default"}, {}, long=True)
-        add({"correct_steps": 0}, {"correct_steps": 0})
-        add({"correct_steps": 2}, {"correct_steps": 2})
-        add({"snr": 0.3, "sigma_max": 50.0}, {"snr": 0.3, "sigma_max": 50.0})
-        add({"sampling_eps": 1e-3, "sigma_min": 0.02}, {"sampling_eps": 1e-3, "sigma_min": 0.02})
-        return out
-
-    preds = cls.CHECKS["prediction_type"].allowed
-    preds = [p for p in preds if p != "original_sample"]
-    eta = {"eta": 0.0} if name == "ddim" else {}
-    # 1. SD 1.5 itself (its scheduler_config.json), with the 1000-step loop
-    add({"config": "sd15", **eta}, dict(SD15), {"eta": 0.0} if eta else {}, long=True, unet=True)
-    # 2. every spacing x every prediction type
-    for spacing in ("leading", "linspace", "trailing"):
-        for pred in preds:
-            if spacing == "leading" and pred == "epsilon":
-                continue  # = sd15
-            add({"spacing": spacing, "pred": pred, **eta}, {**SD15, "timestep_spacing": spacing, "prediction_type": pred},
-                {"eta": 0.0} if eta else {})
-    # 3. steps_offset 0 (diffusers' default; with it the leading grid stays inside [0, T-1] at 1000 steps)
-    add({"offset": 0, **eta}, {**SD15, "steps_offset": 0}, {"eta": 0.0} if eta else {}, long=True)
-    # 4. set_alpha_to_one
-    if "set_alpha_to_one" in keys:
-        add({"alpha_one": True, **eta}, {**SD15, "set_alpha_to_one": True}, {"eta": 0.0} if eta else {})
-    # 5. other beta schedules, zero terminal SNR
-    add({"beta": "linear"}, {**SD15, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
-        {"eta": 0.0} if eta else {})
-    add({"beta": "squaredcos_cap_v2"}, {**SD15, "beta_schedule": "squaredcos_cap_v2"}, {"eta": 0.0} if eta else {})
-    if "rescale_betas_zero_snr" in keys:
-        add({"zero_snr": True, "spacing": "trailing", "pred": "v_prediction"},
-            {**SD15, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
-            {"eta": 0.0} if eta else {})
-    # 6. the scheduler's own options
-    if name == "ddpm":
-        for vt in ("fixed_small_log", "fixed_large", "learned", "learned_range"):
-            add({"variance": vt}, {**SD15, "variance_type": vt}, model=vt if vt.startswith("learned") else "eps")
-        add({"clip_sample": True, "range": 1.5}, {**SD15, "clip_sample": True, "clip_sample_range": 1.5})
-        for beta in ("sigmoid", "laplace"):  # schedules only DDPMScheduler has
-            add({"beta": beta}, {**SD15, "beta_schedule": beta})
-    elif name == "ddim":
-        for e in (0.5, 1.0):
-            add({"eta": e}, dict(SD15), {"eta": e})
-        add({"spacing": "trailing", "eta": 1.0}, {**SD15, "timestep_spacing": "trailing"}, {"eta": 1.0})
-        add({"clip_sample": True, "eta": 0.0, "clipped_eps": True}, {**SD15, "clip_sample": True},
-            {"eta": 0.0, "use_clipped_model_output": True})
-    elif name == "pndm":
-        add({"skip_prk_steps": False}, {**SD15, "skip_prk_steps": False})
-        add({"skip_prk_steps": False, "spacing": "linspace", "pred": "v_prediction"},
-            {**SD15, "skip_prk_steps": False, "timestep_spacing": "linspace", "prediction_type": "v_prediction"})
-    elif name == "euler":
-        add({"karras": True}, {**SD15, "use_karras_sigmas": True})
-        add({"karras": True, "spacing": "trailing", "pred": "v_prediction"},
-            {**SD15, "use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"})
-        add({"interpolation": "log_linear"}, {**SD15, "interpolation_type": "log_linear"})
-        add({"final_sigma": "sigma_min"}, {**SD15, "final_sigmas_type": "sigma_min"})
-        add({"timestep_type": "continuous", "pred": "v_prediction"},
-            {**SD15, "timestep_type": "continuous", "prediction_type": "v_prediction"})
-        add({"churn": 1.0}, dict(SD15), {"s_churn": 1.0})
-        add({"karras": True, "sigma_min": 0.1, "sigma_max": 10.0},
-            {**SD15, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0})
-    elif name == "dpmpp_2m":
-        add({"karras": True}, {**SD15, "use_karras_sigmas": True})
-        add({"karras": True, "spacing": "trailing"}, {**SD15, "use_karras_sigmas": True, "timestep_spacing": "trailing"})
-        add({"lower_order_final": False}, {**SD15, "lower_order_final": False})
-        add({"karras": True, "lower_order_final": False}, {**SD15, "use_karras_sigmas": True, "lower_order_final": False})
-        add({"final_sigma": "sigma_min"}, {**SD15, "final_sigmas_type": "sigma_min"})
-        add({"final_sigma": "sigma_min", "euler_at_final": True},
-            {**SD15, "final_sigmas_type": "sigma_min", "euler_at_final": True})
-        add({"solver_type": "heun"}, {**SD15, "solver_type": "heun"})
-        add({"order": 1}, {**SD15, "solver_order": 1})
-        add({"order": 3}, {**SD15, "solver_order": 3})
-        add({"algorithm": "sde-dpmsolver++"}, {**SD15, "algorithm_type": "sde-dpmsolver++"})
-        add({"algorithm": "sde-dpmsolver++", "karras": True, "order": 3},
-            {**SD15, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "solver_order": 3})
-        add({"beta": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
-            {**SD15, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1})
-    elif name == "lms":
-        add({"karras": True}, {**SD15, "use_karras_sigmas": True})
-        add({"karras": True, "spacing": "trailing", "pred": "v_prediction"},
-            {**SD15, "use_karras_sigmas": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"})
-    return out
 
 
 # ------------------------------------------------------------------------------------------ the two sides

@@ -116,8 +116,8 @@ def test_parity_variant(variant):
     compared = [r for r in rows if r["max_abs"] is not None]
     assert {r["tensor"] for r in compared} >= {"timesteps", "latents", "add_noise"}
     assert all(r["passed"] for r in rows), _fail_report(rows)
-    for r in rows:
-        if r["tensor"] in ("timesteps", "sigmas", "discrete_sigmas") and r["max_abs"] is not None:
+    for r in rows:  # every compared tensor bit-equal, loops included (NaN rows: same NaN mask, checked by the row)
+        if r["max_abs"] is not None and not r["note"].startswith("diffusers output is non-finite too"):
             assert r["max_abs"] == 0.0, r
 
 
@@ -207,7 +207,9 @@ def test_from_config_sd15_dict_matches_diffusers_config(name):
     for key in ours.config_keys():
         assert ours.config[key] == ref.config[key], (key, ours.config[key], ref.config[key])
         assert getattr(ours.config, key) == ours.config[key]
-    assert "_class_name" not in ours.config
+    norm = lambda c: {k: (sorted(v) if k == "_use_default_values" else v) for k, v in dict(c).items()}  # noqa: E731
+    assert norm(ours.config) == norm(ref.config)  # hidden keys and metadata too, as diffusers keeps them
+    assert ours.config["_class_name"] == ref.config["_class_name"] == S.DIFFUSERS_CLASS_NAMES[name]
     assert ours.order == ref.order == 1
     assert float(torch.as_tensor(ours.init_noise_sigma)) == float(torch.as_tensor(ref.init_noise_sigma))
     assert len(ours) == len(ref)
@@ -247,18 +249,21 @@ def test_use_default_values_follow_diffusers():
 
 
 @pytest.mark.parametrize("name", list(S.SCHEDULERS))
-def test_unknown_key_raises_naming_it(name):
-    with pytest.raises(ValueError, match=r"unknown config key 'beta_strat' \(value 0.001\)"):
-        S.SCHEDULERS[name].from_config({**SD15, "beta_strat": 0.001})
+def test_unknown_key_raises_naming_it(name, caplog):
+    """from_config ignores an unknown key with diffusers' warning; the constructor refuses it (diffusers: TypeError)."""
+    with caplog.at_level("WARNING", logger="scratch_sd.schedulers"):
+        s = S.SCHEDULERS[name].from_config({**SD15, "beta_strat": 0.001})
+    assert "'beta_strat': 0.001" in caplog.text and "will be ignored" in caplog.text
+    assert s.config["beta_strat"] == 0.001 and "beta_strat" not in s.config_keys()
     with pytest.raises(ValueError, match="unknown config key 'beta_strat'"):
         S.SCHEDULERS[name](beta_strat=0.001)
 
 
 @pytest.mark.parametrize("name,key,value", [
     ("ddpm", "beta_schedule", "foo"), ("ddim", "timestep_spacing", "bar"), ("euler", "prediction_type", "x0"),
-    ("pndm", "prediction_type", "sample"), ("ddim", "thresholding", True), ("ddpm", "variance_type", "fixed_large_log"),
-    ("dpmpp_2m", "solver_order", 4), ("dpmpp_2m", "algorithm_type", "dpmsolver"), ("dpmpp_2m", "use_lu_lambdas", True),
-    ("euler", "use_exponential_sigmas", True), ("lms", "use_beta_sigmas", True), ("euler_ancestral", "prediction_type", "sample"),
+    ("pndm", "prediction_type", "sample"), ("ddim", "thresholding", "on"), ("ddpm", "variance_type", "fixed_big"),
+    ("dpmpp_2m", "solver_order", 4), ("dpmpp_2m", "algorithm_type", "dpmsolver+"), ("dpmpp_2m", "use_flow_sigmas", True),
+    ("euler", "use_exponential_sigmas", 1), ("lms", "use_beta_sigmas", "yes"), ("euler_ancestral", "prediction_type", "sample"),
     ("ddim", "steps_offset", -1), ("ddim", "num_train_timesteps", 0), ("ddim", "clip_sample", "yes"),
     ("ddpm", "trained_betas", [0.5, 2.0]), ("sde_ve", "snr", -1.0), ("euler", "interpolation_type", "cubic"),
 ])
@@ -312,9 +317,12 @@ def test_trained_betas_match_diffusers():
 def test_other_schedulers_keys_are_skipped_like_diffusers():
     """SD 1.5's dict carries PNDM keys (skip_prk_steps, set_alpha_to_one): Euler ignores them, as diffusers."""
     s = S.EulerDiscreteScheduler.from_config({**SD15, "solver_order": 3, "use_karras_sigmas": False})
-    assert "skip_prk_steps" not in s.config and "solver_order" not in s.config
-    with pytest.raises(ValueError, match="unknown config key 'skip_prk_steps'"):
-        S.EulerDiscreteScheduler.from_config(SD15, skip_prk_steps=True)  # an explicit override is an error
+    assert "skip_prk_steps" not in s.config_keys() and "solver_order" not in s.config_keys()
+    import diffusers
+    ref = diffusers.EulerDiscreteScheduler.from_config({**SD15, "solver_order": 3, "use_karras_sigmas": False})
+    assert s.config["skip_prk_steps"] == ref.config["skip_prk_steps"] is True  # kept as a hidden key, as diffusers
+    s = S.EulerDiscreteScheduler.from_config(SD15, skip_prk_steps=False)  # an override it has no use for: ignored
+    assert s.config["skip_prk_steps"] is True
 
 
 @pytest.mark.parametrize("name", DISCRETE)
@@ -369,7 +377,7 @@ def test_step_outputs_tuple_and_object():
         with sc._quiet_diffusers():
             ref_out = ref.step(sc.model_fn(ref.scale_model_input(x, t), t), t, x, return_dict=True, **_gen(ref))
         assert torch.equal(ref_out.prev_sample, out.prev_sample)
-        assert (getattr(ref_out, "pred_original_sample", None) is None) == (out.pred_original_sample is None), name
+        assert hasattr(ref_out, "pred_original_sample") == hasattr(out, "pred_original_sample"), name
         s2 = S.get_scheduler(name, SD15)
         s2.set_timesteps(3)
         tup = s2.step(sc.model_fn(s2.scale_model_input(x, t), t), t, x, return_dict=False, **_gen(s2))

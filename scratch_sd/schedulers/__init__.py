@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import KNOWN_SCHEDULER_KEYS, Scheduler, SchedulerConfig, SchedulerOutput, SdeVeOutput
+from .base import (CONFIG_NAME, DIFFUSERS_VERSION, KNOWN_SCHEDULER_KEYS, BaseOutput, PredX0SchedulerOutput, Scheduler,
+                   SchedulerConfig, SchedulerOutput, SdeVeOutput)
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
@@ -80,6 +81,8 @@ def img2img_timesteps(scheduler, num_inference_steps: int, strength: float,
 
 
 __all__ = [
+    "BaseOutput", "CONFIG_NAME", "DIFFUSERS_VERSION", "PredX0SchedulerOutput",
+    "BaseOutput", "CONFIG_NAME", "DIFFUSERS_VERSION", "PredX0SchedulerOutput",
     "DDIMScheduler", "DDPMScheduler", "DIFFUSERS_CLASS_NAMES", "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "KNOWN_SCHEDULER_KEYS", "LMSDiscreteScheduler",
     "PNDMScheduler", "SCHEDULERS", "SD15_SCHEDULER_CONFIG", "Scheduler", "SchedulerConfig", "SchedulerOutput",

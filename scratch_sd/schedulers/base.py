@@ -10,12 +10,19 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from .files import CONFIG_NAME, DIFFUSERS_VERSION, ConfigFiles  # noqa: F401 (re-exported)
+from .outputs import (BaseOutput, PredX0SchedulerOutput, SchedulerOutput, SdeVeOutput,  # noqa: F401 (re-exported)
+                      DDIMSchedulerOutput, DDPMSchedulerOutput, EulerAncestralDiscreteSchedulerOutput,
+                      EulerDiscreteSchedulerOutput, LMSDiscreteSchedulerOutput)
+
+logger = logging.getLogger("scratch_sd.schedulers")
 
 # Config keys that belong to some diffusers scheduler a Stable Diffusion pipeline can load
 # (KarrasDiffusionSchedulers, LCM, TCD, EDM, flow matching, ScoreSdeVe). `from_config` skips them
@@ -149,7 +156,7 @@ COMMON_CHECKS: dict[str, Check] = {
     "set_alpha_to_one": Flag(),
     "clip_sample": Flag(),
     "clip_sample_range": Number(0.0, lo_open=True),
-    "thresholding": Flag(supported=False, why=" (dynamic thresholding, Imagen; unsuitable for latent diffusion)"),
+    "thresholding": Flag(),
     "dynamic_thresholding_ratio": Number(0.0, 1.0),
     "sample_max_value": Number(0.0, lo_open=True),
     "rescale_betas_zero_snr": Flag(),
@@ -163,6 +170,7 @@ def configured(init: Callable) -> Callable:
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         owner = type(self).__name__
+        private = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("_")}  # metadata, kept (as diffusers)
         unknown = [k for k in kwargs if k not in sig.parameters or k == "self"]
         if unknown:
             raise ValueError(f"{owner}: unknown config key {unknown[0]!r} (value {kwargs[unknown[0]]!r}); "
@@ -175,45 +183,28 @@ def configured(init: Callable) -> Callable:
             if key not in checks:
                 raise TypeError(f"{owner}: no check declared for config key {key!r}")  # a bug in this package
             values[key] = checks[key](key, value, owner)
-        self._internal_dict = SchedulerConfig(values)
+        config = {**private, **values}
+        defaults = sorted(set(values) - set(kwargs))  # as diffusers: keys that took the class default
+        if defaults:
+            config["_use_default_values"] = defaults
+        self._internal_dict = SchedulerConfig(config)
         init(self, **values)
 
     return wrapper
 
 
-@dataclass
-class SchedulerOutput:
-    """What `step` returns: `.prev_sample` (x_{t-1}) and, where diffusers has it, `.pred_original_sample`.
-
-    Indexable like diffusers' BaseOutput: `out[0]` is prev_sample; `to_tuple()` drops None fields.
-    """
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, key: int | str):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-
-@dataclass
-class SdeVeOutput(SchedulerOutput):
-    """VE-SDE predictor output: the sample with noise (`prev_sample`) and without it (`prev_sample_mean`)."""
-
-    prev_sample_mean: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple:
-        return (self.prev_sample, self.prev_sample_mean)
-
-
-class Scheduler:
+class Scheduler(ConfigFiles):
     """Base of every scheduler. Subclasses set CHECKS, DIFFUSERS_NAME and decorate __init__ with @configured."""
 
     order = 1
     CHECKS: dict[str, Check] = {}
     DIFFUSERS_NAME = ""
+    config_name = CONFIG_NAME
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("DIFFUSERS_NAME"):
+            _SCHEDULER_CLASSES[cls.DIFFUSERS_NAME] = cls
 
     @property
     def config(self) -> SchedulerConfig:
@@ -225,36 +216,69 @@ class Scheduler:
     def config_keys(cls) -> list[str]:
         return [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None = None, **overrides: Any):
-        """Build from a diffusers scheduler config (a scheduler_config.json dict or `scheduler.config`).
+    def register_to_config(self, **kwargs: Any) -> None:
+        """Replace config entries (diffusers' ConfigMixin.register_to_config); the config stays frozen."""
+        self._internal_dict = SchedulerConfig({**self._internal_dict, **kwargs})
 
-        As diffusers' `from_config`: keys starting with "_" are metadata; keys listed in
-        `_use_default_values` take this class's default; keys of other Stable Diffusion schedulers are
-        skipped. Unlike diffusers, a key no scheduler knows is an error, and so is any value this
-        package does not implement.
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False,
+                    **overrides: Any):
+        """Build from a diffusers scheduler config (a scheduler_config.json dict or any `scheduler.config`).
+
+        diffusers' `from_config` rules: keys listed in `_use_default_values` take this class's default;
+        keys of the other schedulers (a DDIM or DEIS config loaded here) are skipped silently; any other
+        unknown key is logged as a warning and ignored; `overrides` win over the config; the keys not used
+        are kept in `.config` (so a chain of from_config calls loses nothing), `_class_name` naming this class.
         """
-        config = dict(config or {})
-        for key in config.pop("_use_default_values", None) or []:
-            config.pop(key, None)
+        if config is None:
+            raise ValueError("Please make sure to provide a config as the first positional argument.")
+        config = dict(config)
+        used_defaults = config.get("_use_default_values", None) or []
+        config = {k: v for k, v in config.items() if k not in used_defaults and k != "_use_default_values"}
+        original = dict(config)
         own = set(cls.config_keys())
-        kept = {}
-        for key, value in list(config.items()) + list(overrides.items()):
-            if key.startswith("_"):
-                continue
+        orig_name = config.get("_class_name", cls.DIFFUSERS_NAME)
+        if not isinstance(orig_name, (str, list, tuple)):
+            raise ValueError("Make sure that the `_class_name` is of type string or list of string (for custom pipelines).")
+        from_cls = _SCHEDULER_CLASSES.get(orig_name) if isinstance(orig_name, str) else None
+        skipped = set(KNOWN_SCHEDULER_KEYS) | (set(from_cls.config_keys()) if from_cls is not None else set())
+        init: dict[str, Any] = {}
+        unexpected: dict[str, Any] = {}
+        for key, value in config.items():
             if key in own:
-                kept[key] = value
-            elif key not in KNOWN_SCHEDULER_KEYS or key in overrides:
-                raise ValueError(f"{cls.__name__}.from_config: unknown config key {key!r} (value {value!r}); "
-                                 f"known keys of {cls.__name__}: {', '.join(sorted(own))}")
-        return cls(**kept)
+                init[key] = value
+            elif not key.startswith("_") and key not in skipped and key != "quantization_config":
+                unexpected[key] = value
+        unused = {}
+        for key, value in overrides.items():
+            if key in own:
+                init[key] = value
+            else:
+                unused[key] = value
+        if unexpected:
+            logger.warning(f"The config attributes {unexpected} were passed to {cls.__name__}, but are not expected "
+                           f"and will be ignored. Please verify your {CONFIG_NAME} configuration file.")
+        if unused:
+            logger.warning(f"{cls.__name__}.from_config: keyword arguments {unused} are not config keys of "
+                           f"{cls.__name__} and are ignored")
+        model = cls(**init)
+        hidden = {k: v for k, v in original.items() if k not in init}
+        if "_class_name" in hidden:
+            hidden["_class_name"] = cls.DIFFUSERS_NAME
+        model.register_to_config(**hidden)
+        if return_unused_kwargs:
+            return model, {**unexpected, **unused, **hidden}
+        return model
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
     def __repr__(self) -> str:
-        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas")
+        items = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if k != "trained_betas" and not k.startswith("_"))
         return f"{type(self).__name__}({items})"
+
+
+_SCHEDULER_CLASSES: dict[str, type] = {}  # DIFFUSERS_NAME -> class, filled by Scheduler.__init_subclass__
 
 
 def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int | None) -> int:

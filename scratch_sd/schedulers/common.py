@@ -240,8 +240,11 @@ def velocity_vp(alphas_cumprod: torch.Tensor, sample: torch.Tensor, noise: torch
 
 
 def clip_pred_original(pred_original_sample: torch.Tensor, clip_sample: bool,
-                                clip_sample_range: float) -> torch.Tensor:
-    """Clip predicted x_0 to [-range, range] when clip_sample is on (DDPM, DDIM step 4)."""
+                       clip_sample_range: float, cfg=None) -> torch.Tensor:
+    """Dynamic thresholding when `cfg.thresholding` (it wins, as in diffusers), else clip predicted x_0 to
+    [-range, range] when clip_sample is on (DDPM, DDIM step 4)."""
+    if cfg is not None and cfg.thresholding:
+        return threshold_sample(pred_original_sample, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
     if clip_sample:
         return pred_original_sample.clamp(-clip_sample_range, clip_sample_range)
     return pred_original_sample
@@ -266,3 +269,115 @@ def pred_x0_and_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod
     else:
         raise ValueError(f"unsupported value prediction_type={prediction_type!r}")
     return pred_original_sample, pred_epsilon
+
+
+# ---- more sigma schedules (diffusers' use_exponential_sigmas / use_beta_sigmas / use_lu_lambdas) --------
+
+
+def sigma_range(cfg, in_sigmas: np.ndarray) -> tuple[float, float]:
+    """(sigma_min, sigma_max): the config's when it has them (Euler, or any config that carried them along),
+    else the ends of the descending `in_sigmas` (as diffusers' _convert_to_*)."""
+    sigma_min = getattr(cfg, "sigma_min", None)
+    sigma_max = getattr(cfg, "sigma_max", None)
+    sigma_min = sigma_min if sigma_min is not None else in_sigmas[-1].item()
+    sigma_max = sigma_max if sigma_max is not None else in_sigmas[0].item()
+    return sigma_min, sigma_max
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
+    """Log-uniform sigmas from sigma_max down to sigma_min (float64)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_inference_steps))
+
+
+def lu_lambdas(lambda_min: float, lambda_max: float, num_inference_steps: int) -> np.ndarray:
+    """Lu et al. 2022 (DPM-Solver++), sec. 3.3: log-SNR lambda uniform in [lambda_max, lambda_min] (rho = 1)."""
+    ramp = np.linspace(0, 1, num_inference_steps)
+    return lambda_max + ramp * (lambda_min - lambda_max)
+
+
+def _log_beta_fn(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Press et al., Numerical Recipes 6.4)."""
+    tiny, eps = 1e-300, 1e-17
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """Regularised incomplete beta function I_x(a, b), float64 to ~1e-15 relative."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - beta_cdf(1.0 - x, b, a)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - _log_beta_fn(a, b))
+    return front * _betacf(a, b, x) / a
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """Inverse of I_x(a, b) in x (scipy.stats.beta.ppf, which diffusers' use_beta_sigmas calls): bracketed
+    Newton on the float64 CDF, to a few ulp of the root (the float32 sigmas built from it then round alike)."""
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    x = 0.5
+    log_b = _log_beta_fn(a, b)
+    for _ in range(200):
+        f = beta_cdf(x, a, b) - p
+        if f == 0.0:
+            return x
+        if f < 0:
+            lo = x
+        else:
+            hi = x
+        pdf = math.exp((a - 1.0) * math.log(x) + (b - 1.0) * math.log1p(-x) - log_b)
+        step = f / pdf if pdf > 0 else 0.0
+        new = x - step
+        if not (lo < new < hi) or step == 0.0:
+            new = 0.5 * (lo + hi)
+        if new == x or new == lo and new == hi:
+            return x
+        if abs(new - x) <= 2e-16 * x:
+            return new
+        x = new
+    return x
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int, alpha: float = 0.6,
+                beta: float = 0.6) -> np.ndarray:
+    """"Beta sampling is all you need" (Lee et al. 2024): sigmas at the Beta(0.6, 0.6) quantiles of 1 - linspace(0, 1, n)."""
+    return np.array([sigma_min + (beta_ppf(float(t), alpha, beta) * (sigma_max - sigma_min))
+                     for t in 1 - np.linspace(0, 1, num_inference_steps)])
+
+
+def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per sample, s = the `ratio` quantile of
+    |x0| clamped to [1, max_value]; x0 is clipped to [-s, s] and divided by s."""
+    dtype = sample.dtype
+    batch_size, channels, *remaining_dims = sample.shape
+    if dtype not in (torch.float32, torch.float64):
+        sample = sample.float()  # quantile needs float; clamp has no CPU half kernel
+    sample = sample.reshape(batch_size, channels * np.prod(remaining_dims))
+    s = torch.quantile(sample.abs(), ratio, dim=1)
+    s = torch.clamp(s, min=1, max=max_value).unsqueeze(1)
+    sample = torch.clamp(sample, -s, s) / s
+    return sample.reshape(batch_size, channels, *remaining_dims).to(dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import COMMON_CHECKS, Scheduler, SchedulerOutput, check_num_inference_steps, configured
+from .base import COMMON_CHECKS, Scheduler, PredX0SchedulerOutput, check_num_inference_steps, configured
 from .common import (VPVelocity, alphas_cumprod_from_betas, clip_pred_original, make_betas, pred_x0_and_eps,
                      randn_tensor, rescale_zero_terminal_snr, spaced_timesteps)
 
@@ -67,7 +67,7 @@ class DDIMScheduler(VPVelocity, Scheduler):
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,
-             variance_noise: torch.Tensor | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True) -> PredX0SchedulerOutput | tuple:
         """x_t -> x_{t-1} by eq. 12, with sigma_t(eta) from eq. 16."""
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating the scheduler")
@@ -82,7 +82,7 @@ class DDIMScheduler(VPVelocity, Scheduler):
         pred_original_sample, pred_epsilon = pred_x0_and_eps(model_output, sample, alpha_prod_t, beta_prod_t,
                                                              cfg.prediction_type)
         # 4. clip x_0
-        pred_original_sample = clip_pred_original(pred_original_sample, cfg.clip_sample, cfg.clip_sample_range)
+        pred_original_sample = clip_pred_original(pred_original_sample, cfg.clip_sample, cfg.clip_sample_range, cfg)
         # 5. sigma_t(eta), eq. 16
         std_dev_t = ddim_sigma(alpha_prod_t, alpha_prod_t_prev, eta)
         if use_clipped_model_output:  # re-derive eps from the clipped x_0 (as in GLIDE)
@@ -100,4 +100,4 @@ class DDIMScheduler(VPVelocity, Scheduler):
             prev_sample = prev_sample + std_dev_t * variance_noise
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return PredX0SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

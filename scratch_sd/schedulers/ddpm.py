@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import COMMON_CHECKS, OneOf, Scheduler, SchedulerOutput, check_num_inference_steps, configured
+from .base import COMMON_CHECKS, OneOf, Scheduler, PredX0SchedulerOutput, check_num_inference_steps, configured
 from .common import (VPVelocity, alphas_cumprod_from_betas, clip_pred_original, make_betas, pred_x0_and_eps,
                      randn_tensor, rescale_zero_terminal_snr, spaced_timesteps)
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range", None)
 
 
 def ddpm_posterior_mean(pred_original_sample: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
@@ -33,12 +33,14 @@ def ddpm_noise_scale(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor
     current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
     variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t
     variance = torch.clamp(variance, min=1e-20)  # log(0) guard at t = 0
-    if variance_type == "fixed_small":
+    if variance_type in ("fixed_small", None):  # None (a DPM-Solver config's value): diffusers falls through to fixed_small
         return variance**0.5
     if variance_type == "fixed_small_log":
         return torch.exp(0.5 * torch.log(variance))
     if variance_type == "fixed_large":
         return current_beta_t**0.5
+    if variance_type == "fixed_large_log":  # as diffusers: the square root of log(beta_t) < 0, i.e. NaN noise
+        return torch.log(current_beta_t) ** 0.5
     if variance_type == "learned":
         return predicted_variance**0.5
     if variance_type == "learned_range":
@@ -56,8 +58,7 @@ class DDPMScheduler(VPVelocity, Scheduler):
     CHECKS = {
         **COMMON_CHECKS,
         "beta_schedule": OneOf("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"),
-        "variance_type": OneOf(*VARIANCE_TYPES, why=" (fixed_large_log is not supported: diffusers takes the "
-                               "square root of log(beta) there)"),
+        "variance_type": OneOf(*VARIANCE_TYPES),
     }
 
     @configured
@@ -113,7 +114,7 @@ class DDPMScheduler(VPVelocity, Scheduler):
         return timestep - 1
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+             generator: torch.Generator | None = None, return_dict: bool = True) -> PredX0SchedulerOutput | tuple:
         """x_t -> x_{t-1} ~ N(mu~_t(x_t, x_0_pred), sigma_t^2 I) (Ho et al. 2020, Algorithm 2)."""
         cfg = self.config
         t = timestep
@@ -132,7 +133,7 @@ class DDPMScheduler(VPVelocity, Scheduler):
         beta_prod_t = 1 - alpha_prod_t
         # 3. predicted x_0 (eq. 15), clipped when clip_sample
         pred_original_sample, _ = pred_x0_and_eps(model_output, sample, alpha_prod_t, beta_prod_t, cfg.prediction_type)
-        pred_original_sample = clip_pred_original(pred_original_sample, cfg.clip_sample, cfg.clip_sample_range)
+        pred_original_sample = clip_pred_original(pred_original_sample, cfg.clip_sample, cfg.clip_sample_range, cfg)
         # 4. posterior mean (eq. 7)
         pred_prev_sample = ddpm_posterior_mean(pred_original_sample, sample, alpha_prod_t, alpha_prod_t_prev)
         # 5. add sigma_t * z, z ~ N(0, I), except at t = 0
@@ -145,4 +146,4 @@ class DDPMScheduler(VPVelocity, Scheduler):
         pred_prev_sample = pred_prev_sample + variance
         if not return_dict:
             return (pred_prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)
+        return PredX0SchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)

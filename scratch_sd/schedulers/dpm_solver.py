@@ -1,6 +1,7 @@
 """DPM-Solver++ multistep (2M is Stable Diffusion's "DPM++ 2M"): Lu, Zhou, Bao, Chen, Li & Zhu 2022,
 "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models" (arXiv:2211.01095),
-Algorithm 2 (multistep, data prediction); SDE variant: sec. 5 / diffusers' "sde-dpmsolver++"."""
+Algorithm 2 (multistep, data prediction); SDE variant: sec. 5 / diffusers' "sde-dpmsolver++". The noise-prediction
+solvers "dpmsolver" / "sde-dpmsolver" are DPM-Solver (Lu et al. 2022, arXiv:2206.00927) eq. 3.7 and its SDE form."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,8 @@ import torch
 
 from .base import COMMON_CHECKS, Flag, Number, OneOf, SchedulerOutput, StepIndexed, check_num_inference_steps, configured
 from .common import broadcast_to_sample, interp_sigmas, karras_sigmas, randn_tensor, sigma_to_t, vp_tables
-from .common import leading_timesteps, linspace_timesteps, trailing_timesteps
+from .common import leading_timesteps, linspace_timesteps, lu_lambdas, threshold_sample, trailing_timesteps
+from .euler import respaced_sigmas, sigma_kind
 
 
 def alpha_sigma_from_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +33,11 @@ def dpmpp_first_order(sample: torch.Tensor, x0: torch.Tensor, sigma_to: torch.Te
     h = log_snr(alpha_t, sigma_t) - log_snr(alpha_s, sigma_s)
     if algorithm_type == "dpmsolver++":
         return (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+    if algorithm_type == "dpmsolver":  # x0 here is the eps prediction
+        return (alpha_t / alpha_s) * sample - (sigma_t * (torch.exp(h) - 1.0)) * x0
+    if algorithm_type == "sde-dpmsolver":
+        return ((alpha_t / alpha_s) * sample - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * x0
+                + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
     # sde-dpmsolver++: first-order SDE solver
     return ((sigma_t / sigma_s * torch.exp(-h)) * sample + (alpha_t * (1 - torch.exp(-2.0 * h))) * x0
             + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
@@ -54,6 +61,19 @@ def dpmpp_second_order(sample: torch.Tensor, m0: torch.Tensor, m1: torch.Tensor,
                     - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
         return ((sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D0
                 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1)
+    if algorithm_type == "dpmsolver":
+        if solver_type == "midpoint":
+            return ((alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * D0
+                    - 0.5 * (sigma_t * (torch.exp(h) - 1.0)) * D1)
+        return ((alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * D0
+                - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1)
+    if algorithm_type == "sde-dpmsolver":
+        if solver_type == "midpoint":
+            return ((alpha_t / alpha_s0) * sample - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0
+                    - (sigma_t * (torch.exp(h) - 1.0)) * D1 + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
+        return ((alpha_t / alpha_s0) * sample - 2.0 * (sigma_t * (torch.exp(h) - 1.0)) * D0
+                - 2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+                + sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
     if solver_type == "midpoint":  # sde-dpmsolver++
         return ((sigma_t / sigma_s0 * torch.exp(-h)) * sample + (alpha_t * (1 - torch.exp(-2.0 * h))) * D0
                 + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * D1
@@ -83,6 +103,13 @@ def dpmpp_third_order(sample: torch.Tensor, m0: torch.Tensor, m1: torch.Tensor, 
         return ((sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * D0
                 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
                 - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5)) * D2)
+    if algorithm_type == "dpmsolver":
+        return ((alpha_t / alpha_s0) * sample - (sigma_t * (torch.exp(h) - 1.0)) * D0
+                - (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0)) * D1
+                - (sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * D2)
+    if algorithm_type == "sde-dpmsolver":  # diffusers has no third-order SDE-DPM-Solver (its x_t is unbound)
+        raise ValueError("DPMSolverMultistepScheduler: algorithm_type='sde-dpmsolver' has no third-order update "
+                         "(diffusers fails with UnboundLocalError there); use solver_order <= 2")
     return ((sigma_t / sigma_s0 * torch.exp(-h)) * sample + (alpha_t * (1.0 - torch.exp(-2.0 * h))) * D0
             + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
             + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
@@ -108,20 +135,22 @@ class DPMSolverMultistepScheduler(StepIndexed):
     CHECKS = {
         **COMMON_CHECKS,
         "solver_order": OneOf(1, 2, 3),
-        "algorithm_type": OneOf("dpmsolver++", "sde-dpmsolver++",
-                                why=" (the deprecated noise-prediction dpmsolver / sde-dpmsolver are not supported)"),
-        "solver_type": OneOf("midpoint", "heun"),
+        # "deis" (a DEIS config) becomes dpmsolver++, and UniPC/DEIS solver types become midpoint, as in diffusers
+        "algorithm_type": OneOf("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis"),
+        "solver_type": OneOf("midpoint", "heun", "logrho", "bh1", "bh2"),
         "lower_order_final": Flag(),
         "euler_at_final": Flag(),
         "use_karras_sigmas": Flag(),
-        "use_exponential_sigmas": Flag(supported=False),
-        "use_beta_sigmas": Flag(supported=False),
-        "use_lu_lambdas": Flag(supported=False),
-        "use_flow_sigmas": Flag(supported=False),
+        "use_exponential_sigmas": Flag(),
+        "use_beta_sigmas": Flag(),
+        "use_lu_lambdas": Flag(),
+        "use_flow_sigmas": Flag(supported=False, why=" (flow-matching models, not Stable Diffusion 1.x/2.x)"),
         "flow_shift": Number(0.0, lo_open=True),
         "final_sigmas_type": OneOf("zero", "sigma_min"),
         "lambda_min_clipped": Number(),
-        "variance_type": OneOf(None, "learned", "learned_range"),
+        # only learned / learned_range act here; DDPM's values (a DDPM config loaded here) are accepted and inert
+        "variance_type": OneOf(None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
+                               "fixed_large_log"),
         "use_dynamic_shifting": Flag(supported=False),
         "time_shift_type": OneOf("exponential"),
     }
@@ -138,6 +167,15 @@ class DPMSolverMultistepScheduler(StepIndexed):
                  variance_type: str | None = None, timestep_spacing: str = "linspace", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
                  time_shift_type: str = "exponential"):
+        sigma_kind(self.config)
+        if algorithm_type == "deis":
+            self.register_to_config(algorithm_type="dpmsolver++")
+        if solver_type in ("logrho", "bh1", "bh2"):
+            self.register_to_config(solver_type="midpoint")
+        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
+            # diffusers checks the value as given, so a DEIS config needs final_sigmas_type="sigma_min" too
+            raise ValueError(f"`final_sigmas_type` {final_sigmas_type} is not supported for `algorithm_type` "
+                             f"{algorithm_type}. Please choose `sigma_min` instead.")
         self.betas, self.alphas, self.alphas_cumprod = vp_tables(self.config)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
@@ -169,6 +207,11 @@ class DPMSolverMultistepScheduler(StepIndexed):
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         if timesteps is not None and cfg.use_karras_sigmas:
             raise ValueError("Cannot use `timesteps` with `config.use_karras_sigmas = True`")
+        if timesteps is not None and cfg.use_lu_lambdas:
+            raise ValueError("Cannot use `timesteps` with `config.use_lu_lambdas = True`")
+        for kind in ("exponential", "beta"):
+            if timesteps is not None and cfg[f"use_{kind}_sigmas"]:
+                raise ValueError(f"Cannot set `timesteps` with `config.use_{kind}_sigmas = True`.")
         if timesteps is not None:
             timesteps = np.array(timesteps).astype(np.int64)
         else:
@@ -186,6 +229,15 @@ class DPMSolverMultistepScheduler(StepIndexed):
             timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
             if cfg.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
+        elif cfg.use_lu_lambdas:  # uniform in log-SNR (here: in log sigma, lambda's mirror image)
+            lambdas = np.flip(log_sigmas.copy())
+            sigmas = np.exp(lu_lambdas(lambdas[-1].item(), lambdas[0].item(), num_inference_steps))
+            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+            if cfg.beta_schedule != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+        elif cfg.use_exponential_sigmas or cfg.use_beta_sigmas:  # timesteps truncated to int64 below, not rounded
+            sigmas = respaced_sigmas(sigma_kind(cfg), cfg, np.flip(sigmas).copy(), num_inference_steps)
+            timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
         else:
             sigmas = interp_sigmas(timesteps, sigmas)
         if cfg.final_sigmas_type == "sigma_min":
@@ -202,16 +254,33 @@ class DPMSolverMultistepScheduler(StepIndexed):
         self._begin_index = None
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """The data prediction x0_theta(x_t, t) DPM-Solver++ integrates (paper eq. 6)."""
+        """The data prediction x0_theta(x_t, t) DPM-Solver++ integrates (paper eq. 6), or for dpmsolver /
+        sde-dpmsolver the noise prediction eps_theta; dynamic thresholding acts on x0 either way."""
         cfg = self.config
-        if cfg.prediction_type == "sample":
-            return model_output
         alpha_t, sigma_t = alpha_sigma_from_sigma(self.sigmas[self.step_index])
+        if cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            if cfg.prediction_type == "sample":
+                x0_pred = model_output
+            elif cfg.prediction_type == "epsilon":
+                if cfg.variance_type in ["learned", "learned_range"]:
+                    model_output = model_output[:, :3]  # (sic) diffusers keeps 3 channels, whatever the latent has
+                x0_pred = (sample - sigma_t * model_output) / alpha_t
+            else:  # v_prediction
+                x0_pred = alpha_t * sample - sigma_t * model_output
+            if cfg.thresholding:
+                x0_pred = threshold_sample(x0_pred, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            return x0_pred
         if cfg.prediction_type == "epsilon":
-            if cfg.variance_type in ["learned", "learned_range"]:
-                model_output = model_output[:, :3]
-            return (sample - sigma_t * model_output) / alpha_t
-        return alpha_t * sample - sigma_t * model_output  # v_prediction
+            epsilon = model_output[:, :3] if cfg.variance_type in ["learned", "learned_range"] else model_output
+        elif cfg.prediction_type == "sample":
+            epsilon = (sample - alpha_t * model_output) / sigma_t
+        else:  # v_prediction
+            epsilon = alpha_t * model_output + sigma_t * sample
+        if cfg.thresholding:
+            x0_pred = (sample - sigma_t * epsilon) / alpha_t
+            x0_pred = threshold_sample(x0_pred, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            epsilon = (sample - alpha_t * x0_pred) / sigma_t
+        return epsilon
 
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
         if schedule_timesteps is None:
@@ -246,7 +315,7 @@ class DPMSolverMultistepScheduler(StepIndexed):
         sample = sample.to(torch.float32)
         # 3. noise for the SDE variant
         noise = None
-        if cfg.algorithm_type == "sde-dpmsolver++":
+        if cfg.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
             if variance_noise is None:
                 noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                      dtype=torch.float32)

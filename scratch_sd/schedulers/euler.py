@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import COMMON_CHECKS, Flag, Number, OneOf, SchedulerOutput, StepIndexed, check_num_inference_steps, configured
-from .common import (broadcast_to_sample, interp_sigmas, karras_sigmas, randn_tensor, sigma_to_t, spaced_timesteps,
-                     vp_tables)
+from .base import COMMON_CHECKS, Flag, Number, OneOf, PredX0SchedulerOutput, StepIndexed, check_num_inference_steps, configured
+from .common import (beta_sigmas, broadcast_to_sample, exponential_sigmas, interp_sigmas, karras_sigmas, randn_tensor,
+                     sigma_range, sigma_to_t, spaced_timesteps, vp_tables)
 
 def x0_from_sigma_output(model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor,
                          sigma_hat: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -42,9 +42,31 @@ def ancestral_sigmas(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tuple[
     return sigma_down, sigma_up
 
 
+def sigma_kind(cfg) -> str | None:
+    """Which re-spacing of the sigmas a config asks for: "karras", "exponential", "beta" or None (at most one)."""
+    kinds = [k for k in ("karras", "exponential", "beta") if getattr(cfg, f"use_{k}_sigmas", False)]
+    if len(kinds) > 1:
+        raise ValueError("Only one of `config.use_beta_sigmas`, `config.use_exponential_sigmas`, "
+                         "`config.use_karras_sigmas` can be used.")
+    return kinds[0] if kinds else None
+
+
+def respaced_sigmas(kind: str, cfg, in_sigmas: np.ndarray, num_inference_steps: int,
+                    karras_config_range: bool = True) -> np.ndarray:
+    """Karras et al. 2022 eq. 5, log-uniform, or Beta(0.6, 0.6)-quantile sigmas between the ends of `in_sigmas`
+    (or the config's sigma_min / sigma_max when it has them; LMS's Karras path never looks, as in diffusers)."""
+    sigma_min, sigma_max = sigma_range(cfg if karras_config_range or kind != "karras" else None, in_sigmas)
+    if kind == "karras":
+        return karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    if kind == "exponential":
+        return exponential_sigmas(sigma_min, sigma_max, num_inference_steps)
+    return beta_sigmas(sigma_min, sigma_max, num_inference_steps)
+
+
 def discrete_sigma_schedule(cfg, alphas_cumprod: torch.Tensor, num_inference_steps: int, timesteps=None,
-                            sigmas=None, karras: bool = False, interpolation_type: str = "linear",
-                            final_sigmas_type: str = "zero") -> tuple[np.ndarray, np.ndarray]:
+                            sigmas=None, kind: str | None = None, interpolation_type: str = "linear",
+                            final_sigmas_type: str = "zero", karras_config_range: bool = True
+                            ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps float, sigmas float32 with the final sigma appended) for the Euler/LMS family.
 
     1. timesteps from `timestep_spacing` (fractional for linspace); 2. sigma at each timestep by linear
@@ -66,12 +88,8 @@ def discrete_sigma_schedule(cfg, alphas_cumprod: torch.Tensor, num_inference_ste
         sigmas = interp_sigmas(timesteps, train_sigmas)
     else:  # log_linear: n + 1 log-spaced sigmas from sigma_max to sigma_min (diffusers' shape, kept as is)
         sigmas = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_inference_steps + 1).exp().numpy()
-    if karras:
-        sigma_min = getattr(cfg, "sigma_min", None)
-        sigma_max = getattr(cfg, "sigma_max", None)
-        sigma_min = sigma_min if sigma_min is not None else sigmas[-1].item()
-        sigma_max = sigma_max if sigma_max is not None else sigmas[0].item()
-        sigmas = karras_sigmas(sigma_min, sigma_max, num_inference_steps)
+    if kind is not None:
+        sigmas = respaced_sigmas(kind, cfg, sigmas, num_inference_steps, karras_config_range)
         timesteps = np.array([sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
     if final_sigmas_type == "sigma_min":
         sigma_last = float(((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5)
@@ -141,8 +159,8 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         "prediction_type": OneOf("epsilon", "v_prediction", "sample", "original_sample"),
         "interpolation_type": OneOf("linear", "log_linear"),
         "use_karras_sigmas": Flag(),
-        "use_exponential_sigmas": Flag(supported=False),
-        "use_beta_sigmas": Flag(supported=False),
+        "use_exponential_sigmas": Flag(),
+        "use_beta_sigmas": Flag(),
         "sigma_min": Number(0.0, optional=True, lo_open=True),
         "sigma_max": Number(0.0, optional=True, lo_open=True),
         "timestep_type": OneOf("discrete", "continuous"),
@@ -157,6 +175,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
                  sigma_min: float | None = None, sigma_max: float | None = None, timestep_spacing: str = "linspace",
                  timestep_type: str = "discrete", steps_offset: int = 0, rescale_betas_zero_snr: bool = False,
                  final_sigmas_type: str = "zero"):
+        sigma_kind(self.config)
         self.betas, self.alphas, self.alphas_cumprod = vp_tables(self.config)
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
         timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=float)[::-1].copy()
@@ -185,8 +204,9 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             raise ValueError("Must pass exactly one of `num_inference_steps` or `timesteps` or `sigmas.")
         if num_inference_steps is not None and (timesteps is not None or sigmas is not None):
             raise ValueError("Can only pass one of `num_inference_steps` or `timesteps` or `sigmas`.")
-        if timesteps is not None and cfg.use_karras_sigmas:
-            raise ValueError("Cannot set `timesteps` with `config.use_karras_sigmas = True`.")
+        for kind in ("karras", "exponential", "beta"):
+            if timesteps is not None and cfg[f"use_{kind}_sigmas"]:
+                raise ValueError(f"Cannot set `timesteps` with `config.use_{kind}_sigmas = True`.")
         if timesteps is not None and self._continuous_v():
             raise ValueError("Cannot set `timesteps` with `config.timestep_type = 'continuous'` and "
                              "`config.prediction_type = 'v_prediction'`.")
@@ -196,7 +216,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             num_inference_steps = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
         ts, sig = discrete_sigma_schedule(cfg, self.alphas_cumprod, num_inference_steps, timesteps, sigmas,
-                                          karras=bool(cfg.use_karras_sigmas), interpolation_type=cfg.interpolation_type,
+                                          kind=sigma_kind(cfg), interpolation_type=cfg.interpolation_type,
                                           final_sigmas_type=cfg.final_sigmas_type)
         sig = torch.from_numpy(sig).to(dtype=torch.float32, device=device)
         if self._continuous_v():
@@ -209,7 +229,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+             generator: torch.Generator | None = None, return_dict: bool = True) -> PredX0SchedulerOutput | tuple:
         """Karras et al. 2022 Algorithm 2: optional churn to sigma_hat, then one Euler step to the next sigma."""
         self._reject_integer_timestep(timestep)
         if self.step_index is None:
@@ -232,7 +252,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self._step_index += 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return PredX0SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
 
 class EulerAncestralDiscreteScheduler(_SigmaScheduler):
@@ -266,7 +286,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         self._begin_index = None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
+             generator: torch.Generator | None = None, return_dict: bool = True) -> PredX0SchedulerOutput | tuple:
         """Deterministic Euler step to sigma_down, then fresh noise of std sigma_up."""
         self._reject_integer_timestep(timestep)
         if self.step_index is None:
@@ -287,4 +307,4 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         self._step_index += 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return PredX0SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import COMMON_CHECKS, Flag, OneOf, SchedulerOutput, check_num_inference_steps, configured
+from .base import COMMON_CHECKS, Flag, OneOf, PredX0SchedulerOutput, check_num_inference_steps, configured
 from .common import vp_tables
-from .euler import _SigmaScheduler, discrete_sigma_schedule, x0_from_sigma_output
+from .euler import _SigmaScheduler, discrete_sigma_schedule, sigma_kind, x0_from_sigma_output
 from .quadpack import qags
 
 
@@ -41,8 +41,8 @@ class LMSDiscreteScheduler(_SigmaScheduler):
     CHECKS = {
         **COMMON_CHECKS,
         "use_karras_sigmas": Flag(),
-        "use_exponential_sigmas": Flag(supported=False),
-        "use_beta_sigmas": Flag(supported=False),
+        "use_exponential_sigmas": Flag(),
+        "use_beta_sigmas": Flag(),
         "prediction_type": OneOf("epsilon", "v_prediction", "sample"),
     }
 
@@ -51,6 +51,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
                  beta_schedule: str = "linear", trained_betas=None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
                  prediction_type: str = "epsilon", timestep_spacing: str = "linspace", steps_offset: int = 0):
+        sigma_kind(self.config)
         self.betas, self.alphas, self.alphas_cumprod = vp_tables(self.config)
         sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32))
@@ -64,7 +65,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         cfg = self.config
         self.num_inference_steps = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps)
         ts, sig = discrete_sigma_schedule(cfg, self.alphas_cumprod, self.num_inference_steps,
-                                          karras=bool(cfg.use_karras_sigmas))
+                                          kind=sigma_kind(cfg), karras_config_range=False)
         self.sigmas = torch.from_numpy(sig).to(device=device).to("cpu")
         self._sigmas_np = sig  # float32 copy for the coefficient integrals
         self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.float32)
@@ -76,7 +77,7 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         return lms_coefficient(self._sigmas_np, order, t, current_order)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
-             return_dict: bool = True) -> SchedulerOutput | tuple:
+             return_dict: bool = True) -> PredX0SchedulerOutput | tuple:
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index]
@@ -95,4 +96,4 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         self._step_index += 1
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return PredX0SchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
