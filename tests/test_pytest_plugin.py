@@ -136,8 +136,9 @@ def test_plugin_collects_the_gate_as_items(gated_project):
     project, proc = gated_project
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the buggy twin fails
     gate_items = [f"sdparity::unet[{c}-fp32-{m}]" for c in (CANDIDATE, BUGGY) for m in ("direct", "txt2img-pndm")]
-    assert json.loads((project / "seen.json").read_text())["items"] == [
-        "test_own.py::test_own_parity_with_our_metrics", *gate_items]
+    seen = json.loads((project / "seen.json").read_text())
+    assert seen["items"] == ["test_own.py::test_own_parity_with_our_metrics", *gate_items]
+    assert {"torch", "diffusers"} <= set(seen["heavy"])  # the spy sees them when the gate is on
     assert "collected 5 items" in proc.stdout
     cases = _cases(project / "results.xml")
     assert sorted(cases) == sorted(["test_own::test_own_parity_with_our_metrics"]
