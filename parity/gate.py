@@ -33,7 +33,7 @@ from parity.rows import Row
 from parity.tolerances import Table, judge
 from scratch_sd.names import DTYPES, NETWORKS
 
-DEFAULT_COMPONENTS = NETWORKS + ("scheduler", "pipeline")  # `all`; train is asked by name
+DEFAULT_COMPONENTS = NETWORKS + ("scheduler", "pipeline", "tokenizer")  # `all`; train is asked by name
 GATE_COMPONENTS = DEFAULT_COMPONENTS + ("train",)
 SCRATCH_FAMILY = ("scratch", "scratch-exact")
 
@@ -129,7 +129,7 @@ class GateSettings:
 
     @property
     def needs_networks(self) -> bool:
-        return bool(set(self.components) - {"train"})
+        return bool(set(self.components) - {"train", "tokenizer"})
 
 
 # --------------------------------------------------------------------------- rows
@@ -241,7 +241,7 @@ def load_candidates(settings: GateSettings) -> list[Gated]:
 def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = None,
              references=None) -> GateResult:
     """Run the gate; `references` (parity.references.References) replaces building them."""
-    from parity import network_check, swap_check
+    from parity import network_check, swap_check, tokenizer_check
     from parity.references import build_references, quiet_libraries
     from parity.run_context import GateRun
 
@@ -270,6 +270,8 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
     run = GateRun(settings, refs, rec, say)
     if refs and any(d != "fp32" for d in settings.dtypes) and "fp32" not in settings.dtypes:
         network_check.reference_truths(run)  # low precision is judged against the fp32 reference
+    for g in gated:  # integer ids: once per run, whatever the dtypes
+        tokenizer_check.check_tokenizer(run, g)
     for dtype in settings.dtypes:  # DTYPES order: fp32 first
         for g in gated:
             reason = cpu_cannot(dtype, settings.device, preset_name) or g.candidate.unavailable()

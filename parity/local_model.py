@@ -18,8 +18,8 @@ reference loaders are not strict: a key they miss would stay randomly initialise
 candidate, which converts the reference's tensors, holds exactly the file's weights.
 
 Both sides are float32 (the gate casts per dtype). Tokenizer: the folder's tokenizer/, or for a
-file `tokenizer=DIR`, else the generated preset vocabulary sized to the file's vocab (stated in a
-note: prompts tokenize identically on both sides, but not as CLIP's real vocabulary would).
+file `tokenizer=DIR`, else CLIP's real vocabulary (scratch_sd/data/clip; a note says so, and warns
+when the file's text encoder has another vocabulary size).
 Scheduler config: the folder's scheduler/scheduler_config.json, else SD 1.5's.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def component_config(name: str, cfg) -> dict:
 def write_config_folder(folder: Path, cfg, tokenizer_dir: Path | None = None,
                         scheduler_config: dict | None = None) -> list[str]:
     """A diffusers folder without weights: model_index.json, {unet,vae,text_encoder}/config.json,
-    tokenizer/ (copied from `tokenizer_dir`, else the generated vocabulary), scheduler/. Returns notes."""
+    tokenizer/ (copied from `tokenizer_dir`, else CLIP's shipped files), scheduler/. Returns notes."""
     import diffusers
 
     from parity import zoo
@@ -94,9 +94,10 @@ def write_config_folder(folder: Path, cfg, tokenizer_dir: Path | None = None,
         shutil.copytree(src, folder / "tokenizer", dirs_exist_ok=True)
         notes.append(f"tokenizer: {src}")
     else:
-        zoo.write_clip_tokenizer_files(folder / "tokenizer", cfg.text.vocab_size, cfg.text.max_positions)
-        notes.append(f"tokenizer: the generated {cfg.text.vocab_size}-token placeholder vocabulary (not CLIP's); "
-                     "pass --tokenizer DIR for a real one")
+        zoo.write_clip_tokenizer_files(folder / "tokenizer")
+        notes.append("tokenizer: CLIP's vocabulary (scratch_sd/data/clip)" if cfg.text.vocab_size == zoo.CLIP_VOCAB_SIZE
+                     else f"tokenizer: CLIP's {zoo.CLIP_VOCAB_SIZE}-token vocabulary, but the text encoder has "
+                          f"{cfg.text.vocab_size} tokens: pass --tokenizer DIR for its own")
     return notes
 
 

@@ -4,15 +4,14 @@ Presets get seeded random weights, built offline and deterministically: the modu
 are constructed on the meta device (no init cost), materialised empty, then every
 parameter is filled from one seeded generator in named order with a fan-in scaled
 normal, so activations stay O(1) through the network (no NaN, no collapse).
-The presets' tokenizer is generated in code: a valid CLIP-format byte-level BPE
-vocabulary (vocab.json + merges.txt) sized to the preset's vocab, loaded by
-transformers' CLIPTokenizer. Real weights and vocabularies come only from a local path.
+The presets' tokenizer is CLIP's real vocabulary (vocab.json + merges.txt shipped in
+scratch_sd/data/clip, 49408 tokens), loaded by transformers' CLIPTokenizer. Real weights come
+only from a local path.
 """
 from __future__ import annotations
 
-import json
 import math
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +19,9 @@ from torch import nn
 
 from scratch_sd.config import SDConfig
 from scratch_sd.names import NETWORKS
+from scratch_sd.tokenizer import DATA as CLIP_DATA
+
+CLIP_VOCAB_SIZE = 49408
 
 COMPONENTS = NETWORKS
 
@@ -117,73 +119,23 @@ def reference_components(cfg: SDConfig, seed: int = 0, components=COMPONENTS) ->
 
 
 # --------------------------------------------------------------------------- tokenizer
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def clip_vocab(vocab_size: int) -> tuple[dict[str, int], list[str]]:
-    """A deterministic CLIP-format vocabulary of exactly `vocab_size` tokens.
-
-    Layout as CLIP's: 256 byte characters, the same with '</w>', then merged tokens,
-    then <|startoftext|> and <|endoftext|> as the last two ids. The merges build all
-    lowercase strings by length (ab, ab</w>, abc, abc</w>, ...): each merge joins two
-    tokens that already exist, so the BPE is valid.
-    """
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    n_merges = vocab_size - len(tokens) - 2
-    if n_merges < 0:
-        raise ValueError(f"vocab_size {vocab_size} is below the {len(tokens) + 2} byte and special tokens")
-    merges: list[str] = []
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    level = list(letters)
-    while len(merges) < n_merges:
-        nxt = []
-        for prefix in level:
-            for c in letters:
-                if len(merges) >= n_merges:
-                    break
-                merges.append(f"{prefix} {c}")
-                tokens.append(prefix + c)
-                nxt.append(prefix + c)
-                if len(merges) >= n_merges:
-                    break
-                merges.append(f"{prefix} {c}</w>")
-                tokens.append(prefix + c + "</w>")
-        level = nxt
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def write_clip_tokenizer_files(folder: Path, vocab_size: int, max_length: int = 77) -> Path:
+def write_clip_tokenizer_files(folder: Path) -> Path:
+    """CLIP's tokenizer files (the shipped vocab.json, merges.txt, tokenizer_config.json, NOTICE) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab(vocab_size)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": max_length, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer"}), encoding="utf-8")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "NOTICE"):
+        shutil.copyfile(CLIP_DATA / name, folder / name)
     return folder
 
 
 def preset_tokenizer(cfg: SDConfig):
-    """transformers CLIPTokenizer over the generated vocabulary (offline)."""
+    """transformers' CLIPTokenizer over CLIP's real vocabulary (shipped in scratch_sd/data/clip, offline)."""
     from transformers import CLIPTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_clip_tokenizer_files(Path(tmp), cfg.text.vocab_size, cfg.text.max_positions)
-        return CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+    if cfg.text.vocab_size != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{cfg.name}: a {cfg.text.vocab_size}-token text encoder cannot take CLIP's "
+                         f"{CLIP_VOCAB_SIZE}-token vocabulary")
+    return CLIPTokenizer.from_pretrained(str(CLIP_DATA), local_files_only=True)
 
 
 def folder_tokenizer(path: str | Path):

@@ -291,7 +291,7 @@ def sd15() -> SDConfig:
 def tiny() -> SDConfig:
     """Every structural feature of SD 1.5 (4 UNet levels, attention on the first three,
     a mid transformer, a 4-level f8 VAE with mid attention, a causal CLIP) at toy width."""
-    text = CLIPTextConfig(vocab_size=1000, width=32, layers=2, heads=4, mlp_width=64)
+    text = CLIPTextConfig(vocab_size=49408, width=32, layers=2, heads=4, mlp_width=64)
     vae = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8, sample_size=64)
     unet = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1, num_heads=2,
                       cross_attention_dim=32, norm_groups=8, sample_size=8)

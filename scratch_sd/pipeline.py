@@ -21,8 +21,9 @@ StableDiffusionImg2ImgPipeline (so that the same weights and seed give the same 
    eta and generator where the scheduler's step takes them;
 5. decode: latents / scaling_factor -> VAE decoder -> (x * 0.5 + 0.5).clamp(0, 1) -> pt / np / PIL.
 
-Pure torch + numpy + PIL. The tokenizer (a transformers CLIPTokenizer, or anything with the
-same call) is passed in: it is the one piece this package does not implement.
+Pure torch + numpy + PIL, no transformers: the tokenizer is scratch_sd.tokenizer's CLIP BPE (the
+folder's tokenizer/ files, or the shipped CLIP vocabulary) unless another one (anything called as
+transformers' CLIPTokenizer is) is passed in.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from scratch_sd.images import check_size, load_image, postprocess, preprocess_im
 from scratch_sd.loading import load_network, load_sd_config, read_json as _read_json
 from scratch_sd.names import NETWORKS
 from scratch_sd.schedulers import img2img_timesteps
+from scratch_sd.tokenizer import CLIPTokenizer
 
 Tensor = torch.Tensor
 
@@ -127,7 +129,8 @@ class ScratchPipeline:
     def __init__(self, text_encoder: nn.Module, vae: nn.Module, unet: nn.Module, tokenizer, scheduler,
                  cfg: SDConfig):
         self.text_encoder, self.vae, self.unet = text_encoder, vae, unet
-        self.tokenizer, self.cfg = tokenizer, cfg
+        self.tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer()  # None: the shipped CLIP files
+        self.cfg = cfg
         self.scheduler = sd_scheduler_fixes(scheduler)
         self.vae_scale_factor = cfg.vae.downsample_factor
         # Set by accelerate(): wrappers of the UNet call and the VAE decode; None calls the network.
@@ -144,8 +147,9 @@ class ScratchPipeline:
         Configs are read with json and mapped with *Config.from_reference; weights (safetensors
         or .bin, sharded or not, the fp16 variant when it is the only one or `variant="fp16"`) go
         through the key tables and load strictly. `scheduler` overrides the folder's class by name.
-        `tokenizer`: a tokenizer object, or a loader called with the folder (e.g.
-        `CLIPTokenizer.from_pretrained`, which finds its `tokenizer/` subfolder).
+        `tokenizer`: None (scratch_sd.tokenizer over the folder's tokenizer/ vocab.json + merges.txt, or
+        CLIP's shipped vocabulary when the folder has no tokenizer/), a tokenizer object, or a loader
+        called with the folder (e.g. transformers' `CLIPTokenizer.from_pretrained`).
         """
         root = Path(path)
         if not root.is_dir():
@@ -155,8 +159,7 @@ class ScratchPipeline:
         sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
         name = scheduler or _scheduler_name(sched_cfg.get("_class_name", "PNDMScheduler"))
         if tokenizer is None:
-            raise ValueError("ScratchPipeline.from_pretrained needs tokenizer= (a tokenizer, or a loader called "
-                             "with the folder)")
+            tokenizer = _folder_tokenizer(root, cfg)
         if callable(tokenizer) and not hasattr(tokenizer, "model_max_length"):
             tokenizer = tokenizer(root)
         return cls(nets["text_encoder"], nets["vae"], nets["unet"], tokenizer, make_scheduler(name, sched_cfg), cfg)
@@ -344,6 +347,16 @@ def check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str] | None]
         raise ValueError(f"`negative_prompt` has {len(negatives)} entries but `prompt` has {len(prompts)}; "
                          "give one negative prompt per prompt (or a single string for all)")
     return prompts, negatives
+
+
+def _folder_tokenizer(root: Path, cfg: SDConfig) -> CLIPTokenizer:
+    if (root / "tokenizer").is_dir():
+        return CLIPTokenizer.from_pretrained(root / "tokenizer")
+    tok = CLIPTokenizer()
+    if cfg.text.vocab_size != len(tok):
+        raise ValueError(f"{root} has no tokenizer/ and its {cfg.text.vocab_size}-token text encoder does not take "
+                         f"CLIP's {len(tok)}-token vocabulary: pass tokenizer=")
+    return tok
 
 
 def _check_count(n) -> int:

@@ -40,6 +40,8 @@ DATA = Path(__file__).resolve().parent / "data" / "clip"  # CLIP's vocab.json + 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, in the pattern's order
+# The pattern as tokenizer.json stores it (JSON-escaped), to recognise CLIP's tokenizer.json.
+CLIP_PATTERN = json.dumps(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")[1:-1]
 
 # Unicode's White_Space property (PropList.txt; unchanged since Unicode 6.3 dropped U+180E).
 WHITESPACE = frozenset(
@@ -94,13 +96,15 @@ def _scan(text: str, specials: tuple[str, ...], number_runs: bool) -> list[str]:
     """The matches of specials | 's|'t|'re|'ve|'m|'ll|'d | L+ | N (or N+) | [^sLN]+, left to right,
     whitespace between matches dropped (regex alternation: the first alternative that matches wins)."""
     out, i, n = [], 0, len(text)
+    starts = {s[0] for s in specials}
     while i < n:
-        special = next((s for s in specials if text.startswith(s, i)), None)
-        if special is not None:
-            out.append(special)
-            i += len(special)
-            continue
         c = text[i]
+        if c in starts:
+            special = next((s for s in specials if text.startswith(s, i)), None)
+            if special is not None:
+                out.append(special)
+                i += len(special)
+                continue
         if c == "'":
             tail = next((t for t in CONTRACTIONS if text.startswith(t, i + 1)), None)
             if tail is not None:
@@ -132,17 +136,16 @@ def pre_tokenize(text: str) -> list[str]:
 def split_specials(text: str, specials: tuple[str, ...]) -> list[tuple[str, bool]]:
     """(segment, is_special) in order: the raw text cut around the literal special tokens (step 1),
     leftmost first, the longest where two start at the same place."""
-    out, start, i = [], 0, 0
-    ordered = sorted(specials, key=len, reverse=True)
-    while i < len(text):
-        special = next((s for s in ordered if text.startswith(s, i)), None)
-        if special is None:
-            i += 1
-            continue
-        if start < i:
-            out.append((text[start:i], False))
+    out, start = [], 0
+    while True:
+        found = [(at, -len(s), s) for s in specials if (at := text.find(s, start)) >= 0]
+        if not found:
+            break
+        at, _, special = min(found)  # leftmost, then longest
+        if start < at:
+            out.append((text[start:at], False))
         out.append((special, True))
-        i = start = i + len(special)
+        start = at + len(special)
     if start < len(text):
         out.append((text[start:], False))
     return out
@@ -183,14 +186,18 @@ class CLIPTokenizer:
     # ---- construction
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> "CLIPTokenizer":
-        """A folder holding vocab.json + merges.txt (and optionally tokenizer_config.json), or a model
-        folder with them in tokenizer/."""
+        """A folder holding vocab.json + merges.txt, or the tokenizer.json transformers 5 saves (and
+        optionally tokenizer_config.json); or a model folder with them in tokenizer/."""
         folder = Path(path)
         if (folder / "tokenizer").is_dir():
             folder = folder / "tokenizer"
-        if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
-            raise FileNotFoundError(f"no CLIP tokenizer in {folder} (expected vocab.json and merges.txt)")
-        vocab, merges = read_vocab(folder)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab, merges = read_vocab(folder)
+        elif (folder / "tokenizer.json").is_file():
+            vocab, merges = read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            raise FileNotFoundError(f"no CLIP tokenizer in {folder} (expected vocab.json and merges.txt, or "
+                                    "tokenizer.json)")
         conf_path = folder / "tokenizer_config.json"
         conf = json.loads(conf_path.read_text(encoding="utf-8")) if conf_path.is_file() else {}
         kwargs = {k: _token_text(conf[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in conf}
@@ -329,6 +336,18 @@ def read_vocab(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
             raise ValueError(f"{folder / 'merges.txt'}: not a merge (two tokens and a space): {line!r}")
         merges.append((parts[0], parts[1]))
     return vocab, merges
+
+
+def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) from a `tokenizers` tokenizer.json, if it is CLIP's BPE (end-of-word "</w>",
+    CLIP's pre-tokenisation pattern); anything else is refused rather than tokenized differently."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    model = data.get("model") or {}
+    pattern = json.dumps(data.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD or CLIP_PATTERN not in pattern:
+        raise ValueError(f"{path}: not CLIP's tokenizer (a BPE with end-of-word '</w>' and CLIP's pattern)")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
 
 
 def _token_text(value) -> str:

@@ -106,7 +106,7 @@ def files(tmp_path_factory, tiny_refs, tiny_scratch, tiny_state):
     folder = d / "folder"
     for name, ref in tiny_refs.networks.items():
         ref.save_pretrained(folder / name)
-    zoo.write_clip_tokenizer_files(folder / "tokenizer", tiny_refs.cfg.text.vocab_size)
+    zoo.write_clip_tokenizer_files(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER_CONFIG))
     out["folder"] = folder

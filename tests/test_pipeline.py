@@ -254,9 +254,10 @@ def test_from_pretrained_diffusers_folder(tiny_models, tmp_path):
 
     ref = tiny_models.diffusers("euler")
     ref.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="needs tokenizer="):
-        ScratchPipeline.from_pretrained(tmp_path / "model")
-    pipe = ScratchPipeline.from_pretrained(tmp_path / "model", tokenizer=folder_tokenizer)  # a loader of the folder
+    pipe = ScratchPipeline.from_pretrained(tmp_path / "model")  # our tokenizer over the folder's tokenizer.json
+    assert type(pipe.tokenizer).__module__ == "scratch_sd.tokenizer"
+    loaded = ScratchPipeline.from_pretrained(tmp_path / "model", tokenizer=folder_tokenizer)  # a loader of the folder
+    assert type(loaded.tokenizer).__module__.startswith("transformers")
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     kwargs = dict(prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=STEPS, output_type="np")
     ours = pipe(**kwargs, progress=False, generator=torch.Generator().manual_seed(0)).images

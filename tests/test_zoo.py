@@ -1,7 +1,11 @@
 """Reference zoo: deterministic, offline, well-scaled; tokenizer offline."""
+from dataclasses import replace
+
+import pytest
 import torch
 
 from parity import zoo
+from scratch_sd.config import preset
 
 
 def test_seeded_weights_are_deterministic_and_seed_dependent(tiny_cfg):
@@ -26,14 +30,19 @@ def test_activations_are_well_scaled(tiny_cfg):
         assert 0.05 < float(t.std()) < 20, f"{name} std {float(t.std())}"
 
 
-def test_generated_vocabulary_is_clip_format(tiny_cfg):
-    vocab, merges = zoo.clip_vocab(tiny_cfg.text.vocab_size)
-    assert len(vocab) == tiny_cfg.text.vocab_size == len(set(vocab.values()))
-    assert vocab["<|startoftext|>"] == tiny_cfg.text.vocab_size - 2
-    assert vocab["<|endoftext|>"] == tiny_cfg.text.vocab_size - 1
-    for m in merges:  # every merge joins two tokens that exist, into one that exists
-        a, b = m.split(" ")
-        assert a in vocab and b in vocab and a + b in vocab
+def test_shipped_vocabulary_is_clips(tiny_cfg):
+    """The presets tokenize with CLIP's real 49408-token vocabulary: CLIP's own example prompt gives
+    the ids OpenAI's CLIP README and every SD 1.x tokenizer give."""
+    tok = zoo.preset_tokenizer(tiny_cfg)
+    assert tiny_cfg.text.vocab_size == len(tok) == 49408
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_placeholder_vocabulary_is_gone():
+    assert not hasattr(zoo, "clip_vocab")
+    with pytest.raises(ValueError, match="49408"):
+        zoo.preset_tokenizer(replace(preset("tiny"), text=replace(preset("tiny").text, vocab_size=1000)))
 
 
 def test_tokenizer_offline_pads_to_77(tiny_cfg):
@@ -44,11 +53,10 @@ def test_tokenizer_offline_pads_to_77(tiny_cfg):
 
 
 def test_sd15_vocabulary_size(sd15_cfg):
-    vocab, _ = zoo.clip_vocab(sd15_cfg.text.vocab_size)
-    assert len(vocab) == 49408 and vocab["<|endoftext|>"] == 49407
+    assert len(zoo.preset_tokenizer(sd15_cfg)) == sd15_cfg.text.vocab_size == 49408
 
 
 def test_folder_tokenizer(tmp_path, tiny_cfg):
-    zoo.write_clip_tokenizer_files(tmp_path / "tokenizer", tiny_cfg.text.vocab_size)
+    zoo.write_clip_tokenizer_files(tmp_path / "tokenizer")
     tok = zoo.folder_tokenizer(tmp_path)
     assert tok("a cat").input_ids == zoo.preset_tokenizer(tiny_cfg)("a cat").input_ids
