@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -98,7 +99,8 @@ def make_pair(variant: Variant):
     """(diffusers scheduler, scratch scheduler) from the same config dict."""
     import diffusers
     ref_cls = getattr(diffusers, ours_mod.DIFFUSERS_CLASS_NAMES[variant.name])
-    with _quiet_diffusers():
+    with _quiet_diffusers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # diffusers' deprecation notice for dpmsolver / sde-dpmsolver
         ref = ref_cls.from_config(dict(variant.config))
     ours = ours_mod.SCHEDULERS[variant.name].from_config(dict(variant.config))
     return ref, ours
