@@ -354,3 +354,18 @@ def test_sde_dpmsolver_third_order_fails_at_the_third_step_like_diffusers():
         _loop(ours, "dpmpp_2m", 20)
     few = sc.make_pair(variant)
     assert torch.equal(_loop(few[0], "dpmpp_2m", 2), _loop(few[1], "dpmpp_2m", 2))  # orders 1-2 still work
+
+
+def test_beta_quantile_rounds_like_scipy_in_float32():
+    """beta_ppf (no scipy) against scipy.stats.beta.ppf, the function diffusers calls: the float32 sigma built from
+    each quantile is the same number at every grid point of 2..100 and 1000 steps."""
+    import numpy as np
+    import scipy.stats
+    from scratch_sd.schedulers.common import beta_ppf
+    sigma_min, sigma_max = 0.029167533, 14.614643  # SD 1.5's sigma range
+    for n in list(range(2, 101)) + [1000]:
+        for t in 1 - np.linspace(0, 1, n):
+            ours, ref = beta_ppf(float(t), 0.6, 0.6), scipy.stats.beta.ppf(t, 0.6, 0.6)
+            assert abs(ours - ref) <= 1e-13, (n, t, ours, ref)
+            assert np.float32(sigma_min + ours * (sigma_max - sigma_min)) == np.float32(
+                sigma_min + ref * (sigma_max - sigma_min)), (n, t)
