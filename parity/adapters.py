@@ -13,6 +13,7 @@ unet(x, t, ctx), vae.encode(x) -> posterior, vae.decode(z)), for either interfac
 """
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import torch
@@ -68,14 +69,66 @@ def posterior(encoded):
     return encoded
 
 
+def final_norm_of(inner):
+    """A plain text encoder's final LayerNorm: `final_layer_norm`, else `norm` (ours), else None."""
+    for name in ("final_layer_norm", "norm"):
+        norm = getattr(inner, name, None)
+        if callable(norm):
+            return norm
+    return None
+
+
+def clip_skip_unsupported(built: Built) -> str | None:
+    """Why a built text encoder cannot serve diffusers' clip_skip (None: it can). diffusers calls
+    `encoder(ids, output_hidden_states=True)[-1][-(n + 1)]`, then `encoder.text_model.final_layer_norm`."""
+    if built.interface == "diffusers":
+        return None
+    call = getattr(built.module, "forward", built.module)
+    try:
+        takes = "output_hidden_states" in inspect.signature(call).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        return "its text encoder does not take output_hidden_states (clip_skip needs the inner layers' states)"
+    if final_norm_of(built.module) is None:
+        return "its text encoder has no final_layer_norm (or norm) for clip_skip to apply"
+    return None
+
+
+class _TextModel:
+    """The `text_model.final_layer_norm` diffusers' clip_skip applies to an inner layer's states."""
+
+    def __init__(self, norm):
+        self.final_layer_norm = norm
+
+
+class _HiddenStatesOutput(tuple):
+    """(last_hidden_state, hidden_states) with transformers' field names: diffusers reads [-1]."""
+
+    def __new__(cls, last, hidden_states):
+        self = super().__new__(cls, (last, hidden_states))
+        self.last_hidden_state, self.hidden_states = last, hidden_states
+        return self
+
+
 class TextEncoderAdapter(_Adapter):
-    """transformers.CLIPTextModel interface: `encoder(ids, attention_mask=None)[0]`."""
+    """transformers.CLIPTextModel interface: `encoder(ids, attention_mask=None)[0]`; with
+    `output_hidden_states=True` (diffusers' clip_skip), `[-1]` is the tuple of hidden states
+    (embeddings, then each layer's output) and `text_model.final_layer_norm` the final norm."""
+
+    @property
+    def text_model(self) -> _TextModel:
+        norm = final_norm_of(self.inner)
+        if norm is None:
+            raise ValueError("the candidate text encoder has no final_layer_norm (or norm): clip_skip needs it")
+        return _TextModel(norm)
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False, **kwargs):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("the candidate text encoder does not take a padding attention mask (SD 1.x does not use one)")
         if output_hidden_states:
-            raise ValueError("clip_skip / output_hidden_states is not supported by the text encoder adapter")
+            last, hidden_states = self.inner(input_ids.to(self.device), output_hidden_states=True)
+            return _HiddenStatesOutput(last, tuple(hidden_states))
         hidden = self.inner(input_ids.to(self.device))
         return _Output("last_hidden_state", hidden)
 

@@ -73,12 +73,13 @@ class GateSettings:
     candidates: tuple[str, ...] = ("scratch",)
     informational: tuple[str, ...] = ()  # candidates reported but never failing the run
     tolerances: Path | None = None
+    clip_skip: int | None = None  # diffusers' clip_skip in every pipeline run (None: the last layer)
 
     @classmethod
     def make(cls, preset: str = "tiny", model=None, components="all", dtypes="fp32", device: str = "cpu",
              scheduler: str = "pndm", steps: int | None = None, size: int | None = None, seed: int = 0,
              num_seeds: int = 2, modes="txt2img,img2img", candidates="scratch", informational=(),
-             tolerances=None) -> "GateSettings":
+             tolerances=None, clip_skip: int | None = None) -> "GateSettings":
         """Checked settings from user-level values; every bad value is a SettingsError naming it."""
         from parity.trace import STRENGTH
         from scratch_sd.config import PRESETS
@@ -116,6 +117,8 @@ class GateSettings:
         if "img2img" in md and int(steps * STRENGTH) < 1:
             raise SettingsError(f"--steps {steps} leaves img2img (strength {STRENGTH}) no denoising step; "
                                 "use --steps >= 2 or --modes txt2img")
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1):
+            raise SettingsError(f"--clip-skip must be an integer >= 1 (got {clip_skip!r})")
         cand = tuple(dict.fromkeys(c.strip() for c in (candidates.split(",") if isinstance(candidates, str)
                                                        else candidates) if c.strip()))
         if not cand:
@@ -125,7 +128,8 @@ class GateSettings:
         if unknown:
             raise SettingsError(f"--informational {unknown[0]!r} is not one of --candidates ({', '.join(cand)})")
         return cls(preset, Path(model) if model is not None else None, comps, dts, device, scheds, steps, size,
-                   seed, num_seeds, md, cand, tuple(c for c in info if c), Path(tolerances) if tolerances else None)
+                   seed, num_seeds, md, cand, tuple(c for c in info if c), Path(tolerances) if tolerances else None,
+                   clip_skip)
 
     @property
     def needs_networks(self) -> bool:
@@ -259,6 +263,10 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
     if refs is None and settings.needs_networks:  # the swap matrix needs all three networks
         say(f"building {settings.model or settings.preset} references ({', '.join(NETWORKS)})")
         refs = build_references(settings.preset, settings.model, NETWORKS, seed=settings.seed)
+    if refs and settings.clip_skip is not None and settings.clip_skip > refs.cfg.text.layers:
+        # diffusers indexes hidden_states[-(n + 1)]: n == layers is the embeddings themselves
+        raise SettingsError(f"--clip-skip {settings.clip_skip} is beyond the {refs.cfg.text.layers}-layer text "
+                            f"encoder (at most {refs.cfg.text.layers})")
     preset_name = refs.cfg.name if refs else settings.preset
     label = preset_name if settings.model is None else f"model:{Path(settings.model).name}"
     rec = Recorder(run_id, label, settings.device, table)

@@ -10,14 +10,15 @@ from parity.trace import NEGATIVE, PROMPTS, STRENGTH, init_image
 
 
 def scratch_trace(networks: dict, refs, scheduler_name: str, mode: str, steps: int, size: int, seed: int,
-                  device: str = "cpu") -> tuple[list, torch.Tensor]:
+                  device: str = "cpu", clip_skip: int | None = None) -> tuple[list, torch.Tensor]:
     """Per-step latents and the (B, H, W, 3) image of the scratch pipeline over `networks`, with the
     scheduler of that name from the references' scheduler config."""
     pipe = scratch_pipeline(networks, refs.tokenizer, scheduler_name, refs.scheduler_config, refs.cfg)
     latents: list[torch.Tensor] = []
     kwargs = dict(prompt=list(PROMPTS), negative_prompt=list(NEGATIVE), num_inference_steps=steps,
                   guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(seed), output_type="pt",
-                  progress=False, callback=lambda i, t, lat, eps: latents.append(lat.detach().clone()))
+                  progress=False, callback=lambda i, t, lat, eps: latents.append(lat.detach().clone()),
+                  clip_skip=clip_skip)
     if mode == "txt2img":
         kwargs.update(height=size, width=size)
     else:
@@ -29,7 +30,7 @@ def scratch_trace(networks: dict, refs, scheduler_name: str, mode: str, steps: i
 def compare_pipelines(networks: dict, refs, scheduler_name: str, mode: str, settings, baseline, truth):
     """Yield (tensor kind, step, diffusers@dtype, scratch@dtype, diffusers@fp32) for the gate."""
     latents, image = scratch_trace(networks, refs, scheduler_name, mode, settings.steps, settings.size, settings.seed,
-                                   settings.device)
+                                   settings.device, settings.clip_skip)
     if len(latents) != len(baseline.latents):
         raise RuntimeError(f"scratch pipeline ran {len(latents)} steps, diffusers {len(baseline.latents)}")
     for i, (r, o, t) in enumerate(zip(baseline.latents, latents, truth.latents)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from parity.adapters import as_diffusers
+from parity.adapters import as_diffusers, clip_skip_unsupported
 from parity.run_context import calling
 from scratch_sd.names import DTYPES, NETWORKS
 
@@ -37,7 +37,12 @@ def _trace(run, sched: str, mode: str, dtype: str, networks: dict | None = None,
     parts = {"tokenizer": run.refs.tokenizer, **run.refs_at(dtype), **(networks or {})}
     ref_sched, cand_sched = run.schedulers_for(sched, scheduler_of)
     return run_pipeline(parts, cand_sched if scheduler_of is not None else ref_sched, mode, st.seed, st.steps,
-                        st.size, device=st.device)
+                        st.size, device=st.device, clip_skip=st.clip_skip)
+
+
+def case_of(settings) -> str:
+    """The rows' `case` of a pipeline run: its seed, and clip_skip when set."""
+    return f"seed={settings.seed}" + (f" clip_skip={settings.clip_skip}" if settings.clip_skip is not None else "")
 
 
 def swap_sets(run, g, built: dict) -> dict[str, set[str]]:
@@ -62,6 +67,11 @@ def check_swaps(run, g, built: dict, dtype: str) -> None:
             images = run.rec.images.setdefault((g.name, dtype, mode, sched), {})
             images["diffusers"] = base.image
             for label, swap in sets.items():
+                why = clip_skip_unsupported(built["text_encoder"]) if (
+                    st.clip_skip is not None and "text_encoder" in swap) else None
+                if why:
+                    run.rec.skip(g, label, dtype, f"--clip-skip: {why}", mode=mode, scheduler=sched)
+                    continue
                 run.say(f"{g.name}: swap {','.join(sorted(swap))} {dtype} {mode} [{sched}]")
                 modules = {n: as_diffusers(n, built[n], run.refs.networks[n], DTYPES[dtype], torch.device(run.device))
                            for n in swap if n in NETWORKS}
@@ -70,7 +80,7 @@ def check_swaps(run, g, built: dict, dtype: str) -> None:
                 images[label] = out.image
                 for (kind, step, r), (_, _, o), (_, _, t) in zip(base.tensors(), out.tensors(), truth.tensors()):
                     run.rec.compare(g, label, dtype, kind, r, o, None if dtype == "fp32" else t, mode=mode,
-                                    case=f"seed={st.seed}", step=step, scheduler=sched)
+                                    case=case_of(st), step=step, scheduler=sched)
 
 
 def check_scratch_pipeline(run, g, built: dict, dtype: str) -> None:
@@ -88,4 +98,4 @@ def check_scratch_pipeline(run, g, built: dict, dtype: str) -> None:
             nets = {n: built[n].module for n in NETWORKS}
             for kind, step, ref, out, t in compare_pipelines(nets, run.refs, sched, mode, st, base, truth):
                 run.rec.compare(g, "pipeline", dtype, kind, ref, out, None if dtype == "fp32" else t, mode=mode,
-                                case=f"seed={st.seed}", step=step, scheduler=sched)
+                                case=case_of(st), step=step, scheduler=sched)

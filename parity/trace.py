@@ -4,6 +4,7 @@ output at the CFG batch) and latents, the init latents (img2img) and the decoded
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ STRENGTH = 0.75  # img2img strength of the traced runs
 
 @dataclass
 class Trace:
-    text_embeddings: list[torch.Tensor] = field(default_factory=list)  # one per encoder call
+    text_embeddings: list[torch.Tensor] = field(default_factory=list)  # the pipeline's prompt embeddings
     noise_pred: list[torch.Tensor] = field(default_factory=list)  # per step
     latents: list[torch.Tensor] = field(default_factory=list)  # per step, after the scheduler
     image_latents: list[torch.Tensor] = field(default_factory=list)  # img2img: encoded init image
@@ -56,20 +57,37 @@ def _record_method(obj, name: str, sink: list, pick):
     return lambda: delattr(obj, name)
 
 
+def _old_text_model_name(encoder):
+    """diffusers' clip_skip reads `text_encoder.text_model.final_layer_norm`; transformers >= 5.6
+    flattened CLIPTextModel (the norm is `final_layer_norm` on the model itself), so with
+    diffusers 0.42 + transformers 5.x every pipeline call with clip_skip raises AttributeError
+    (huggingface/diffusers#14124, open). Hand the pipeline the same LayerNorm under the old name
+    for the run (no arithmetic changes); undone after. Returns the undo."""
+    if hasattr(encoder, "text_model") or not hasattr(encoder, "final_layer_norm"):
+        return lambda: None
+    encoder.__dict__["text_model"] = SimpleNamespace(final_layer_norm=encoder.final_layer_norm)
+    return lambda: encoder.__dict__.pop("text_model", None)
+
+
 def run_pipeline(components: dict, scheduler, mode: str, seed: int, steps: int, size: int,
                  guidance_scale: float = 7.5, strength: float = STRENGTH, prompts=PROMPTS, negative=NEGATIVE,
-                 device: str = "cpu") -> Trace:
-    """One traced run. `components`: text_encoder, vae, unet (reference or adapters), tokenizer."""
+                 device: str = "cpu", clip_skip: int | None = None) -> Trace:
+    """One traced run. `components`: text_encoder, vae, unet (reference or adapters), tokenizer.
+    `clip_skip` as diffusers' pipeline takes it. The text embeddings are what the pipeline's
+    `encode_prompt` returns (prompt, then negative prompt): with clip_skip, that is the final
+    LayerNorm over an inner layer's hidden states, not the encoder's own output."""
     from parity.pipelines import diffusers_pipeline
 
     pipe = diffusers_pipeline(components, scheduler, mode)
     trace = Trace()
     hooks = [
-        components["text_encoder"].register_forward_hook(
-            lambda m, a, out: trace.text_embeddings.append(out[0].detach().clone())),
         components["unet"].register_forward_hook(lambda m, a, out: trace.noise_pred.append(out[0].detach().clone())),
     ]
-    undo = [_record_method(components["vae"], "encode", trace.image_latents, lambda r: r.latent_dist.mean)]
+    undo = [_record_method(components["vae"], "encode", trace.image_latents, lambda r: r.latent_dist.mean),
+            _record_method(pipe, "encode_prompt", trace.text_embeddings,
+                           lambda r: r[0] if r[1] is None else torch.cat([r[0], r[1]]))]
+    if clip_skip is not None:
+        undo.append(_old_text_model_name(components["text_encoder"]))
 
     def on_step_end(pipe_, i, t, kwargs):
         trace.latents.append(kwargs["latents"].detach().clone())
@@ -78,6 +96,8 @@ def run_pipeline(components: dict, scheduler, mode: str, seed: int, steps: int, 
     kwargs = dict(prompt=list(prompts), negative_prompt=list(negative), num_inference_steps=steps,
                   guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
                   output_type="pt", callback_on_step_end=on_step_end)
+    if clip_skip is not None:
+        kwargs.update(clip_skip=clip_skip)
     if mode == "txt2img":
         kwargs.update(height=size, width=size)
     else:

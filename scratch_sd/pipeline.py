@@ -208,17 +208,25 @@ class ScratchPipeline:
                               f"sequences up to {max_length} tokens: {dropped!r}", PromptTruncated, stacklevel=4)
         return ids
 
-    def _embed(self, prompts: list[str], num_images_per_prompt: int, max_length: int) -> Tensor:
+    def _embed(self, prompts: list[str], num_images_per_prompt: int, max_length: int,
+               clip_skip: int | None = None) -> Tensor:
         ids = self._tokenize(prompts, max_length)
-        emb = self.text_encoder(ids.to(self.device))
+        if clip_skip is None:
+            emb = self.text_encoder(ids.to(self.device))
+        else:  # diffusers: the final LayerNorm over the states clip_skip layers before the last
+            _, hidden_states = self.text_encoder(ids.to(self.device), output_hidden_states=True)
+            emb = self.text_encoder.norm(hidden_states[-(clip_skip + 1)])
         emb = emb.to(dtype=next(self.text_encoder.parameters()).dtype, device=self.device)
         b, t, _ = emb.shape
         return emb.repeat(1, num_images_per_prompt, 1).view(b * num_images_per_prompt, t, -1)  # [p0, p0, p1, p1]
 
     def encode_prompt(self, prompts: list[str], num_images_per_prompt: int, guidance: bool,
-                      negative_prompts: list[str] | None) -> tuple[Tensor, Tensor | None]:
-        """(cond, uncond): (B * n, 77, width) each; uncond is None without guidance."""
-        cond = self._embed(prompts, num_images_per_prompt, self.tokenizer.model_max_length)
+                      negative_prompts: list[str] | None, clip_skip: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """(cond, uncond): (B * n, 77, width) each; uncond is None without guidance. `clip_skip`
+        as diffusers: n layers before the last, through the final LayerNorm, for the prompt only;
+        the negative prompt keeps the last layer (diffusers 0.42's encode_prompt does so too)."""
+        _check_clip_skip(clip_skip, len(self.text_encoder.layers))
+        cond = self._embed(prompts, num_images_per_prompt, self.tokenizer.model_max_length, clip_skip)
         if not guidance:
             return cond, None
         negative = negative_prompts if negative_prompts is not None else [""] * len(prompts)
@@ -294,9 +302,11 @@ class ScratchPipeline:
                  num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: Tensor | None = None,
                  eta: float = 0.0, output_type: str = "pil", progress: bool = True,
-                 callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None) -> PipelineOutput:
+                 callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+                 clip_skip: int | None = None) -> PipelineOutput:
         """txt2img, or img2img when `image` is given. `callback(step_index, t, latents, noise_pred)`
-        runs after every scheduler step (latents after the step, noise_pred after guidance)."""
+        runs after every scheduler step (latents after the step, noise_pred after guidance).
+        `clip_skip`: the prompt embeddings from that many layers before the text encoder's last."""
         prompts, negatives = check_prompts(prompt, negative_prompt)
         batch = _check_count(num_images_per_prompt) * len(prompts)
         _check_call(output_type, guidance_scale, eta, generator, batch)
@@ -313,7 +323,7 @@ class ScratchPipeline:
             if height is not None or width is not None:
                 check_size(height or 8, width or 8)
 
-        cond, uncond = self.encode_prompt(prompts, num_images_per_prompt, guidance, negatives)
+        cond, uncond = self.encode_prompt(prompts, num_images_per_prompt, guidance, negatives, clip_skip)
         context = torch.cat([uncond, cond]) if guidance else cond
         if image is None:
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -363,6 +373,15 @@ def _check_count(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {n!r}")
     return int(n)
+
+
+def _check_clip_skip(clip_skip, layers: int) -> None:
+    """None, or 0..layers (diffusers indexes hidden_states[-(clip_skip + 1)] of layers + 1)."""
+    if clip_skip is None:
+        return
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, (int, np.integer)) or not 0 <= clip_skip <= layers:
+        raise ValueError(f"`clip_skip` must be an integer from 0 to {layers} (the text encoder's layers), "
+                         f"got {clip_skip!r}")
 
 
 def _check_call(output_type: str, guidance_scale, eta, generator, batch: int) -> None:

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
     p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="diffusers' clip_skip in every pipeline run: prompt embeddings N layers before the "
+                        "text encoder's last, through its final LayerNorm (default: none)")
     p.add_argument("--exact", action="store_true",
                    help="alias of --candidates scratch-exact: the scratch networks in exact mode (NCHW, "
                         "diffusers' kernels: bit-identical) instead of the default fast mode")
@@ -58,7 +61,7 @@ def settings_of(args):
                              device=args.device, scheduler=args.scheduler, steps=args.steps, size=args.size,
                              seed=args.seed, num_seeds=args.num_seeds, modes=args.modes,
                              candidates=candidates_of(args), informational=args.informational,
-                             tolerances=args.tolerances)
+                             tolerances=args.tolerances, clip_skip=args.clip_skip)
 
 
 def run(args) -> int:

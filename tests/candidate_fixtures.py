@@ -132,3 +132,41 @@ class _Int8DropsBias(CandidateBase):
 
 def int8_drops_bias():
     return _Int8DropsBias()
+
+
+# --------------------------------------------------------------------------- text encoders (clip_skip)
+class _TextEncoder(CandidateBase):
+    components = ("text_encoder",)
+
+    def __init__(self, name, wrap):
+        self.name, self.wrap = name, wrap
+
+    def build(self, request):
+        from parity.candidates.scratch import network_from_reference
+
+        te = network_from_reference("text_encoder", request.reference, request.cfg).to(request.device, request.dtype)
+        return Built(self.wrap(te.eval()), "plain")
+
+
+class _HiddenStatesOffByOne(torch.nn.Module):
+    """Our text encoder, except that its hidden states leave out the embeddings (each index then
+    names the next layer): right without clip_skip, wrong with it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.norm = inner, inner.norm
+
+    def forward(self, input_ids, output_hidden_states=False):
+        if not output_hidden_states:
+            return self.inner(input_ids)
+        last, hidden = self.inner(input_ids, output_hidden_states=True)
+        return last, hidden[1:] + hidden[-1:]
+
+
+def hidden_states_off_by_one():
+    return _TextEncoder("hidden-states-off-by-one", _HiddenStatesOffByOne)
+
+
+def last_layer_only_text_encoder():
+    """A plain function ids -> last hidden state: gated without clip_skip, skipped with it."""
+    return _TextEncoder("last-layer-only", lambda te: lambda ids: te(ids))
