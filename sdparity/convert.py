@@ -3,6 +3,7 @@
     sdparity convert v1-5-pruned-emaonly.safetensors --to diffusers --out sd15/      # single file -> folder
     sdparity convert sd15/ --to single --out sd15.safetensors                         # folder -> single file
     sdparity convert sd15.ckpt --to scratch --out sd15-scratch.safetensors --ema      # either -> scratch
+    sdparity convert --preset tiny --to single --out tiny.safetensors                 # the seeded preset
 
 Reading is strict (scratch_sd.loading: every tensor used, or dropped by a named rule that is
 reported). Writing goes to a temporary name beside the target, moved into place at the end
@@ -22,7 +23,11 @@ TARGETS = ("diffusers", "single", "scratch")
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert between a diffusers folder, an original single file and a "
                                        "scratch checkpoint")
-    p.add_argument("src", help="a diffusers folder, an original .safetensors/.ckpt single file, or a scratch checkpoint")
+    p.add_argument("src", nargs="?", default=None,
+                   help="a diffusers folder, an original .safetensors/.ckpt single file, or a scratch checkpoint")
+    p.add_argument("--preset", default=None, help="instead of src: the embedded preset (tiny | sd15) with the "
+                                                  "seeded weights `sdparity check --preset` gates")
+    p.add_argument("--seed", type=int, default=0, help="--preset: the weights' seed (default 0, as check's)")
     p.add_argument("--to", required=True, choices=TARGETS, help="diffusers (a folder), single (.safetensors or "
                                                                  ".ckpt), scratch (.safetensors with our keys)")
     p.add_argument("--out", required=True, help="the folder or file to write")
@@ -40,10 +45,21 @@ def add_parser(sub) -> None:
 def _check(args) -> tuple[Path, Path]:
     from parity.outputs import check_target
 
-    src, out = Path(args.src), Path(args.out)
-    if not src.exists():
+    from scratch_sd.config import PRESETS
+
+    if (args.src is None) == (args.preset is None):
+        raise UsageError("give one source: a model path or --preset NAME")
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+        if args.ema or args.variant:
+            raise UsageError("--ema and --variant read a model file; a --preset has neither")
+        if not 0 <= args.seed < 2 ** 63:
+            raise UsageError(f"--seed must be from 0 to 2**63 - 1 (got {args.seed})")
+    src, out = Path(args.src or f"preset:{args.preset}"), Path(args.out)
+    if args.preset is None and not src.exists():
         raise FileNotFoundError(2, "No such model file or folder", str(src))
-    if out.exists() and out.resolve() == src.resolve():
+    if args.preset is None and out.exists() and out.resolve() == src.resolve():
         raise UsageError("--out is the source itself")
     if args.to == "single" and out.suffix.lower() not in (".safetensors", ".ckpt"):
         raise UsageError(f"--to single writes a .safetensors or .ckpt file, not {out.name!r}")
@@ -62,7 +78,12 @@ def run(args) -> int:
     from scratch_sd import loading
 
     src, out = _check(args)
-    model = loading.read_model(src, ema=args.ema, variant=args.variant)
+    if args.preset is not None:
+        from parity.export import preset_model
+
+        model = preset_model(args.preset, args.seed)
+    else:
+        model = loading.read_model(src, ema=args.ema, variant=args.variant)
     notes = list(model.notes)
     if args.to == "diffusers":
         from parity.export import write_diffusers_folder
@@ -77,7 +98,8 @@ def run(args) -> int:
             export(model, tmp, dtype=args.dtype)
     for text in notes:
         print(f"sdparity: note: {text}", file=sys.stderr)
-    what = {"diffusers": "diffusers folder", "single": "single file", "scratch": "scratch checkpoint"}
+    what = {"diffusers": "diffusers folder", "single": "single file", "scratch": "scratch checkpoint",
+            "preset": "embedded preset"}
     print(f"wrote {out}: {what[args.to]} from the {what[model.kind]} {src} (config {model.cfg.name}, "
           f"{len(model.state)} scratch tensors, dtype {args.dtype or 'as the source'}"
           f"{', EMA UNet' if args.ema else ''})")
