@@ -2,13 +2,21 @@
 
 Every failure is a `CheckpointError` with a one-line reason naming the file. Saving
 writes to a temporary file in the same folder and renames it at the end, so a
-failure never leaves a half-written file behind.
+failure never leaves a half-written file behind; temporaries are named
+`.<name>.sdparity-tmp-<pid>...` so that a later writer can remove those of a killed one
+(parity.outputs.remove_stale).
+
+Reading refuses what would poison a run later: tensors holding NaN or inf (named, with
+their counts), and files we wrote whose tensors no longer hash to the `sd_parity_sha256`
+our writer put in the metadata (a bit flip; files without it still load).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -24,8 +32,49 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
           "BOOL": torch.bool}
 
 
+TMP_TAG = ".sdparity-tmp-"  # temporaries: `.<final name>.sdparity-tmp-<writer pid>...`
+HASH_METADATA = "sd_parity_sha256"  # safetensors metadata: sha256 of the tensors (tensors_hash)
+
+
 class CheckpointError(ValueError):
     """A checkpoint file cannot be read or does not hold what was expected."""
+
+
+def temp_pid(name: str) -> int | None:
+    """The writer's process id in a temporary's file name (None: not one of our temporaries)."""
+    m = re.match(r"\..*?" + re.escape(TMP_TAG) + r"(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def tensors_hash(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name) and the other
+    metadata entries: what a file's header and data say, independent of their layout."""
+    h = hashlib.sha256()
+    for key in sorted(metadata or {}):
+        if key != HASH_METADATA:
+            h.update(json.dumps([key, metadata[key]]).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A CheckpointError naming the tensors that hold NaN or inf, with the counts."""
+    bad = []
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(t).sum())
+                bad.append((name, nan, int((~finite).sum()) - nan, t.numel()))
+    if bad:
+        name, nan, inf, n = bad[0]
+        more = f"; {len(bad) - 1} more tensors hold non-finite values" if len(bad) > 1 else ""
+        raise CheckpointError(f"{source}: tensor {name!r} holds non-finite values ({nan} NaN, {inf} inf of "
+                              f"{n}){more}")
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -91,32 +140,69 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(meta)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a flat name -> tensor mapping from .safetensors, or a pickle with weights_only=True."""
+def load_state_dict(path: str | os.PathLike, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    """Load a flat name -> tensor mapping from .safetensors, or a pickle with weights_only=True.
+    Refused: NaN/inf tensors (unless `allow_nonfinite`), and a safetensors file whose tensors do not
+    match the sd_parity_sha256 in its metadata."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(2, "No such checkpoint file", str(path))
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS:
-        _safetensors_header(path)
+        meta = _safetensors_header(path).get("__metadata__") or {}
         from safetensors.torch import load_file
 
         try:
-            return dict(load_file(str(path)))
+            state = dict(load_file(str(path)))
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: cannot read safetensors ({_short(exc)})") from None
-    if suffix in PICKLES:
-        try:
+        if HASH_METADATA in meta and tensors_hash(state, meta) != meta[HASH_METADATA]:
+            raise CheckpointError(f"{path}: its tensors do not match the {HASH_METADATA} our writer recorded "
+                                  "(the file was changed or damaged after it was written)")
+    elif suffix in PICKLES:
+        state = _load_pickle(path)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors, .ckpt, .bin, "
+                              ".pt)")
+    if not allow_nonfinite:
+        check_finite(state, str(path))
+    return state
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-            raise CheckpointError(f"{path}: refused or unreadable pickle ({_short(exc)})") from None
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                   for k, v in obj.items()):
-            raise CheckpointError(f"{path}: does not hold a flat mapping of names to tensors")
-        return dict(obj)
-    raise CheckpointError(f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors, .ckpt, .bin, .pt)")
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        raise CheckpointError(f"{path}: {_pickle_refusal(exc)}") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        raise CheckpointError(f"{path}: does not hold a flat mapping of names to tensors")
+    return dict(obj)
+
+
+def _pickle_refusal(exc: BaseException) -> str:
+    """torch.load(weights_only=True)'s failure in one line: the refused global when it names one."""
+    text = str(exc)
+    m = re.search(r"GLOBAL (\S+) was not an allowed global", text)
+    if m:
+        return (f"refused or unreadable pickle: refused the global {m.group(1)}, which torch.load(weights_only=True) "
+                "does not rebuild (only tensors and plain containers load)")
+    m = re.search(r"unsupported GLOBAL (\S+) whose module (\S+) is blocked", text)
+    if m:
+        return (f"refused or unreadable pickle: refused the global {m.group(1)} (module {m.group(2)} is blocked by "
+                "torch.load(weights_only=True))")
+    if "Weights only load failed" in text:  # keep torch's reason, drop its boilerplate paragraphs
+        paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+        reason = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation"))]
+        return (f"refused or unreadable pickle: refused by torch.load(weights_only=True) "
+                f"({_short(Exception(' '.join(reason).replace('WeightsUnpickler error:', '')))})")
+    return f"refused or unreadable pickle ({_short(exc)})"
 
 
 def _short(exc: BaseException) -> str:
@@ -133,10 +219,12 @@ def set_default_mode(path: str | os.PathLike) -> None:
 
 @contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `final`; rename it onto `final` only on success."""
+    """Yield a temporary path beside `final` (named with our pid, see TMP_TAG); rename it onto
+    `final` only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}{TMP_TAG}{os.getpid()}-", suffix=suffix or ".tmp",
+                               dir=final.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -151,7 +239,8 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> Path:
-    """Write safetensors atomically (contiguous, non-shared copies)."""
+    """Write safetensors atomically (contiguous, non-shared copies), with the tensors' sha256 in
+    the metadata (`sd_parity_sha256`, checked by load_state_dict)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -163,6 +252,8 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
         ptr = v.untyped_storage().data_ptr()
         tensors[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
+    metadata = {k: v for k, v in (metadata or {}).items() if k != HASH_METADATA}
+    metadata[HASH_METADATA] = tensors_hash(tensors, metadata)
     with atomic_path(path, ".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
