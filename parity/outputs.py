@@ -1,13 +1,16 @@
 """Where a command writes: one rule for every output, checked before any work, written whole.
 
 - `check_target(path, kind)`: before work. The right kind (a folder or a file), not there already
-  unless `force` (an empty folder counts as not there), and its parent creatable and writable. Errors name the option as the user typed it.
+  unless `force` (an empty folder counts as not there), and its parent creatable and writable (a
+  probe file is created and removed in the nearest existing folder). Errors name the option as the
+  user typed it.
 - `writing_dir(path)` / `writing_file(path)`: the output is written into a temporary sibling named
-  `.<name>.sdparity-tmp-<pid>` and moved into place at the end, so an interrupted run leaves
-  nothing at `path`. If the target appeared meanwhile (a concurrent writer won), the move refuses:
-  exactly one writer wins, the other gets an OutputError. `force` replaces an existing target.
+  `.<name>.sdparity-tmp-<pid>` and moved into place at the end, so an interrupted run (SIGINT, or
+  SIGKILL) leaves nothing at `path`. If the target appeared meanwhile (a concurrent writer won),
+  the move refuses: exactly one writer wins, the other gets an OutputError. `force` replaces an
+  existing target.
 - Stale temporaries (their writer's process is gone) beside the target are removed by the next
-  writer, which says so.
+  writer, which says so in one line on stderr.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
-TMP_TAG = ".sdparity-tmp-"
+from scratch_sd.storage import TMP_TAG, temp_pid
 
 
 class OutputError(ValueError):
@@ -52,6 +56,12 @@ def check_target(path: str | os.PathLike, kind: str, force: bool = False, option
         raise OutputError(f"{shown}: {base} is a file, so the folder for it cannot be made")
     if not os.access(base, os.W_OK | os.X_OK):
         raise OutputError(f"{shown}: {base} is not writable")
+    try:  # os.access is not the whole truth (root, read-only mounts, /proc): try it
+        fd, probe = tempfile.mkstemp(prefix=f".sdparity-probe-{os.getpid()}-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{shown}: cannot create files in {base} ({exc.strerror or type(exc).__name__})") from None
     return p
 
 
@@ -71,16 +81,14 @@ def remove_stale(target: Path, say=None) -> list[Path]:
     if not parent.is_dir():
         return []
     removed = []
-    prefix = f".{target.name}{TMP_TAG}"
+    prefix = f"{target.name}{TMP_TAG}"  # ours, and the temporaries of writers nested in ours (more dots)
     for p in parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        pid_text = p.name[len(prefix):].split(".", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+        pid = temp_pid(p.name)
+        if not p.name.lstrip(".").startswith(prefix) or pid is None or pid == os.getpid() or _pid_alive(pid):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         removed.append(p)
-        (say or _note)(f"removed a stale temporary of an interrupted writer: {p}")
+        (say or _note)(f"removed {p}, a stale temporary of an interrupted writer (process {pid} is gone)")
     return removed
 
 
@@ -154,12 +162,27 @@ def writing_file(path: str | os.PathLike, force: bool = False, option: str = "--
         if force:
             os.replace(tmp, target)
         else:
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise _appeared(target, option) from None
+            _create_exclusive(tmp, target, option)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create_exclusive(tmp: Path, target: Path, option: str) -> None:
+    """`tmp` becomes `target` only if nothing is there: a hard link (atomic, fails on an existing
+    name); where the file system has no hard links, an O_EXCL placeholder claims the name first."""
+    try:
+        os.link(tmp, target)
+        return
+    except FileExistsError:
+        raise _appeared(target, option) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        raise _appeared(target, option) from None
+    os.replace(tmp, target)
 
 
 def _umask() -> int:

@@ -1,7 +1,18 @@
-"""What the subcommands share: the usage error, and parsing of option values."""
+"""What the subcommands share: the usage error, and parsing of option values.
+
+Numeric options are range-checked when argparse reads them (`type=seed`, `type=positive_int`,
+...): a bad value is "argument --seed: ..." on one line, exit 2, before any work.
+"""
 from __future__ import annotations
 
+import argparse
+import math
 import sys
+
+# torch.Generator.manual_seed takes 64-bit seeds; runs derive more seeds from the base one (seed + i
+# per network check, + 1 and + 2 for the zoo's VAE and UNet, + 1234 for train's sampling), so the
+# largest accepted seed leaves 2**16 of room below 2**64.
+SEED_LIMIT = 2 ** 64 - 2 ** 16
 
 
 class UsageError(Exception):
@@ -36,3 +47,68 @@ def progress_printer(prefix: str, quiet: bool = False):
     if prefix == "bench":  # benchmarks.runner.Progress prefixes its own elapsed time
         return lambda msg: print(msg, file=sys.stderr, flush=True)
     return lambda msg: print(f"[{prefix}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- argparse types
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
+def seed(text: str) -> int:
+    """A seed: an integer with 0 <= seed < SEED_LIMIT (torch's 64-bit range, less room for derived seeds)."""
+    v = _number(text, int)
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be an integer with 0 <= seed < 2**64 - 2**16 "
+                                         f"(torch's 64-bit generator seeds, with room for the seeds a run "
+                                         f"derives from it), got {text}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    v = _number(text, float)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (an accuracy, a probability)."""
+    v = finite_float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return v
+
+
+def check_sizes(height: int | None, width: int | None) -> None:
+    """--height / --width (None: the model's default): positive multiples of 8, both reported as given."""
+    bad = [n for n, v in (("height", height), ("width", width)) if v is not None and (v <= 0 or v % 8)]
+    if bad:
+        given = ", ".join(f"--{n} {'(the model default)' if v is None else v}"
+                          for n, v in (("height", height), ("width", width)))
+        raise UsageError(f"{' and '.join('--' + n for n in bad)} must be a positive multiple of 8 (the VAE "
+                         f"downsamples by 8); given: {given}")

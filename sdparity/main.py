@@ -3,6 +3,10 @@
 Exit codes (design.md): 0 pass, 1 a tolerance or a check failed, 2 bad usage or bad
 input, with a one-line reason on stderr and no traceback.
 
+Library warnings (Python's `warnings`) are recorded while a command runs: after a finished run
+they are printed one line each; a refusal (exit 2) prints its one line only. SIGTERM is an
+interrupt like SIGINT, so a killed run still removes its temporaries.
+
 Each subcommand lives in its own module exposing `add_parser(subparsers)` (which sets
 `func` on its parser); this file only dispatches and maps errors to exit codes.
 """
@@ -11,7 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
+import warnings
 
 from sdparity.common import UsageError
 
@@ -25,6 +32,7 @@ SUBCOMMANDS = {
     "convert": "sdparity.convert",
     "train": "sdparity.train",
     "ablation": "sdparity.ablation",
+    "merge": "sdparity.merge",
 }
 
 
@@ -57,6 +65,26 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            rc = _run(argv)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    if rc != 2:
+        for text in dict.fromkeys(f"{w.category.__name__}: {_one_line(w.message)}" for w in caught):
+            print(f"sdparity: warning: {text}", file=sys.stderr)
+    return rc
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         # Import only the chosen subcommand's module (imports of diffusers cost seconds).
@@ -80,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc) -> str:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and exc.filename and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}"
