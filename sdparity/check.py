@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("--scheduler", default="pndm", help="scheduler for the pipeline runs, or 'all' (default pndm)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps per pipeline run (tiny 4, sd15 2)")
     p.add_argument("--size", type=int, default=None, help="image size in pixels (tiny 64, sd15 256)")
-    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    from sdparity.common import seed as seed_arg
+
+    p.add_argument("--seed", type=seed_arg, default=0, help="base seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
     p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
     p.add_argument("--clip-skip", type=int, default=None,
