@@ -2,7 +2,7 @@
 the same run (benchmarks.runner); `--impls` takes built-in impls and any candidate."""
 from __future__ import annotations
 
-from sdparity.common import UsageError, progress_printer
+from sdparity.common import UsageError, progress_printer, seed as seed_arg
 
 
 def add_parser(sub) -> None:
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                    help="for a dtype without fast arithmetic here (matmul peak < 1/10 of the best dtype's, e.g. fp16 "
                         "on a CPU): skip a case whose estimated time per call (GFLOP / that peak) exceeds this")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--out", default=None, help="output folder (default reports/bench-RUN_ID)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

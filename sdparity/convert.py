@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sdparity.common import UsageError
+from sdparity.common import UsageError, seed as seed_arg
 
 TARGETS = ("diffusers", "single", "scratch")
 
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    help="a diffusers folder, an original .safetensors/.ckpt single file, or a scratch checkpoint")
     p.add_argument("--preset", default=None, help="instead of src: the embedded preset (tiny | sd15) with the "
                                                   "seeded weights `sdparity check --preset` gates")
-    p.add_argument("--seed", type=int, default=0, help="--preset: the weights' seed (default 0, as check's)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="--preset: the weights' seed (default 0, as check's)")
     p.add_argument("--to", required=True, choices=TARGETS, help="diffusers (a folder), single (.safetensors or "
                                                                  ".ckpt), scratch (.safetensors with our keys)")
     p.add_argument("--out", required=True, help="the folder or file to write")
@@ -54,8 +54,6 @@ def _check(args) -> tuple[Path, Path]:
             raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
         if args.ema or args.variant:
             raise UsageError("--ema and --variant read a model file; a --preset has neither")
-        if not 0 <= args.seed < 2 ** 63:
-            raise UsageError(f"--seed must be from 0 to 2**63 - 1 (got {args.seed})")
     src, out = Path(args.src or f"preset:{args.preset}"), Path(args.out)
     if args.preset is None and not src.exists():
         raise FileNotFoundError(2, "No such model file or folder", str(src))

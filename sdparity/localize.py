@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from sdparity.common import UsageError, check_device
+from sdparity.common import UsageError, check_device, seed as seed_arg
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
     p.add_argument("--model", default=None, help="a local diffusers folder or single checkpoint file")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--timestep", type=float, default=745.3, help="UNet timestep (default 745.3)")
     p.add_argument("--threshold", type=float, default=None, help="rel_l2 over which a layer diverges "
                    "(default: [localize] in the tolerance file)")
