@@ -24,7 +24,7 @@ from parity import pipelines
 from scratch_sd import accel
 from scratch_sd.images import load_image
 from scratch_sd.pipeline import PIPELINE_SCHEDULERS, ScratchPipeline, make_scheduler
-from sdparity.common import UsageError
+from sdparity.common import UsageError, check_sizes, finite_float, positive_int, seed as seed_arg
 
 # The bar of issue 5: final images in [0, 1] pixel units, fp32 on CPU.
 MIN_PSNR_DB = 80.0
@@ -76,7 +76,6 @@ def run_diffusers(pipe, request: dict, seed: int, progress: bool) -> np.ndarray:
 
 def _validate(args) -> None:
     """Every input error before any model is built (bad input: exit 2, nothing written)."""
-    from scratch_sd.images import check_size
     from scratch_sd.pipeline import check_prompts, check_strength
 
     from parity.outputs import check_target
@@ -102,20 +101,14 @@ def _validate(args) -> None:
                          "--compile default or max-autotune-no-cudagraphs")
     if args.num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.height is not None or args.width is not None:
-        check_size(args.height or 8, args.width or 8)
+    check_sizes(args.height, args.width)
     if args.init_image is not None:
         check_strength(args.strength, args.steps)
         load_image(args.init_image)  # missing or unreadable: exit 2 now
     elif args.strength_given:
         raise UsageError("--strength needs --init-image")
-    if args.model is not None:
-        model = Path(args.model)
-        if not model.exists():
-            raise FileNotFoundError(2, "No such model", str(model))
-        if not model.is_dir():
-            raise UsageError(f"--model {model}: single-file checkpoints are not supported by generate yet; "
-                             "give a diffusers folder")
+    if args.model is not None and not Path(args.model).exists():
+        raise FileNotFoundError(2, "No such model file or folder", str(args.model))
 
 
 def generate(args) -> tuple[dict[str, np.ndarray], str]:
@@ -125,27 +118,19 @@ def generate(args) -> tuple[dict[str, np.ndarray], str]:
     impls = ("scratch", "diffusers") if args.compare else (args.impl,)
     progress = not args.no_progress
     out: dict[str, np.ndarray] = {}
-    if args.model is not None:
-        path = Path(args.model)
-        from parity.zoo import folder_tokenizer
-
-        if "scratch" in impls:
-            pipe = ScratchPipeline.from_pretrained(path, scheduler=args.scheduler, tokenizer=folder_tokenizer)
-            out["scratch"] = run_scratch(_on_device(pipe, args), request, args.seed, progress)
-        if "diffusers" in impls:
-            pipe = pipelines.diffusers_from_folder(path, args.scheduler, mode)
-            out["diffusers"] = run_diffusers(_on_device(pipe, args), request, args.seed, progress)
-        return out, str(path)
     from parity.references import build_references
 
-    refs = build_references(args.preset, seed=args.model_seed)
+    # A local model (diffusers folder, single file, scratch checkpoint) is read as check reads it:
+    # our strict reader (NaN/inf and damaged files refused, naming the tensor) and diffusers' own,
+    # the same weights on both sides; a preset is the zoo's seeded weights.
+    refs = build_references(args.preset, args.model, seed=args.model_seed, quiet=True)
     if "scratch" in impls:
         out["scratch"] = run_scratch(_on_device(pipelines.scratch_pipeline_from_references(refs, args.scheduler), args),
                                      request, args.seed, progress)
     if "diffusers" in impls:
         out["diffusers"] = run_diffusers(_on_device(pipelines.reference_pipeline(refs, args.scheduler, mode), args),
                                          request, args.seed, progress)
-    return out, f"preset {args.preset}"
+    return out, str(args.model) if args.model is not None else f"preset {args.preset}"
 
 
 # --------------------------------------------------------------------------- pictures
@@ -196,18 +181,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--init-image", default=None, metavar="PATH", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=None, help="img2img: how much to change the image, in (0, 1] "
                                                                 "(default 0.8)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance-scale", type=finite_float, default=7.5,
+                   help="classifier-free guidance; <= 1 turns it off")
     p.add_argument("--scheduler", default="pndm", help=f"one of {', '.join(PIPELINE_SCHEDULERS)} (default pndm)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (a CPU torch.Generator)")
+    p.add_argument("--seed", type=seed_arg, default=0,
+                   help="noise seed (a CPU torch.Generator; 0 <= seed < 2**64 - 2**16)")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=("tiny", "sd15"), default="tiny", help="seeded random weights (default tiny)")
-    src.add_argument("--model", default=None, metavar="PATH", help="a local diffusers model folder")
-    p.add_argument("--model-seed", type=int, default=0, help="seed of a preset's random weights")
+    src.add_argument("--model", default=None, metavar="PATH",
+                     help="a local diffusers folder or a single .safetensors/.ckpt file (as check reads it)")
+    p.add_argument("--model-seed", type=seed_arg, default=0, help="seed of a preset's random weights")
     p.add_argument("--impl", choices=("scratch", "diffusers"), default="scratch")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--compare", action="store_true",
                    help="run both implementations; write scratch | diffusers | difference map; print PSNR, max_abs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -219,7 +207,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true", help="run the scratch UNet call as CUDA graphs "
                                                               "(needs --device cuda)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the PNG (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (without it, an existing "
+                                                        "--out is refused, as convert does)")
     p.set_defaults(func=run)
     return p
 

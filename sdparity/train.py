@@ -14,7 +14,8 @@ reported per objective, and the run fails (exit 1) below --min-accuracy.
 
 Writes into --out: loss.csv, loss.png, checkpoint.safetensors (every objective's model, EMA and
 AdamW state; --resume continues it), samples_grid.png (one row per digit, one panel per
-objective), summary.json and summary.md. Every file is written atomically.
+objective), summary.json and summary.md. The folder is written whole (parity.outputs): into a
+temporary sibling, renamed into place at the end; --out is checked before any training.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdparity.common import fraction, seed as seed_arg
+
 DATASETS = ("digits",)
 OBJECTIVE_CHOICES = ("ddpm", "vesde", "both")
 IMAGE_SIZE = 16  # the 8x8 digits, upsampled x2
@@ -45,9 +48,11 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=300, help="optimiser steps per objective, in total (default 300)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches, noise (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of initialisation, batches, noise (default 0)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="a checkpoint.safetensors of an earlier run")
-    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default reports/train-<time>)")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default reports/train-<time>), written "
+                                                              "whole at the end")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--width", type=int, default=16, help="UNet channels at 16x16 (x2 below; default 16)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale; 1 = none (default 2)")
     p.add_argument("--ddpm-sampler", default="ddpm", help="ddpm (ancestral) | ddim (default ddpm)")
@@ -55,7 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sde-steps", type=int, default=100, help="Euler-Maruyama steps (default 100)")
     p.add_argument("--sde-correct-steps", type=int, default=0, help="Langevin corrector steps per EM step (default 0)")
     p.add_argument("--samples-per-digit", type=int, default=20, help="samples per digit to classify (default 20)")
-    p.add_argument("--min-accuracy", type=float, default=0.8, help="exit 1 below this accuracy (default 0.8)")
+    p.add_argument("--min-accuracy", type=fraction, default=0.8,
+                   help="exit 1 below this accuracy, in [0, 1] (default 0.8)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the training forward")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: this model's ops are too small to share, and on a busy CPU "
@@ -341,9 +347,10 @@ def run(args) -> int:
 def _run(args, names: list[str]) -> int:
     from sdparity.digits import DigitsTrainConfig, DigitsTrainer, digits_unet_config
 
+    from parity.outputs import check_target, writing_dir
+
     out = Path(args.out) if args.out else Path("reports") / time.strftime("train-%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(20, "Not a directory", str(out))
+    check_target(out, "dir", args.force)  # before any training
     start, cpu_start = time.perf_counter(), time.process_time()
 
     # 1. data and models (a resume checkpoint is checked before any training)
@@ -354,25 +361,23 @@ def _run(args, names: list[str]) -> int:
     if args.resume:
         _load_resume(args.resume, trainers, lambda m: _log(args, m))
 
-    # 2. train, save
+    # 2. train; 3. sample, classify
     history, results = _train(trainers, to_training_images(images8), torch.from_numpy(labels), args)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_checkpoint(out / CHECKPOINT, trainers)
-
-    # 3. sample, classify
     clf, clf_acc = fit_classifier(images8, labels, args.seed)
     samples, titles = _evaluate(trainers, clf, args, results)
 
-    # 4. files
-    if history:  # this run's steps (a resumed run's earlier steps are in the earlier run's loss.csv)
-        _write_bytes(out / "loss.csv", _loss_csv(history))
-        _write_bytes(out / "loss.png", _loss_png(history))
-    _write_bytes(out / "samples_grid.png", _grid_png(samples, titles, per_row=min(args.samples_per_digit, 10)))
-    summary = {"dataset": args.dataset, "objectives": results, "classifier": clf_acc,
-               "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
-               "threads": torch.get_num_threads(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-               "args": {k: v for k, v in vars(args).items() if k != "func"}, "unet_config": asdict(unet_cfg),
-               "files": [CHECKPOINT, "samples_grid.png", "loss.csv", "loss.png"]}
-    _write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
-    _write_bytes(out / "summary.md", _summary_md(summary).encode())
+    # 4. files, into a temporary sibling moved into place whole
+    with writing_dir(out, args.force) as tmp:
+        _save_checkpoint(tmp / CHECKPOINT, trainers)
+        if history:  # this run's steps (a resumed run's earlier steps are in the earlier run's loss.csv)
+            _write_bytes(tmp / "loss.csv", _loss_csv(history))
+            _write_bytes(tmp / "loss.png", _loss_png(history))
+        _write_bytes(tmp / "samples_grid.png", _grid_png(samples, titles, per_row=min(args.samples_per_digit, 10)))
+        summary = {"dataset": args.dataset, "objectives": results, "classifier": clf_acc,
+                   "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start,
+                   "threads": torch.get_num_threads(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                   "args": {k: v for k, v in vars(args).items() if k != "func"}, "unet_config": asdict(unet_cfg),
+                   "files": [CHECKPOINT, "samples_grid.png", "loss.csv", "loss.png"]}
+        _write_bytes(tmp / "summary.json", json.dumps(summary, indent=2).encode())
+        _write_bytes(tmp / "summary.md", _summary_md(summary).encode())
     return _report(results, clf_acc, summary, out, args.min_accuracy)
