@@ -144,10 +144,11 @@ class Gated:
     name: str
     candidate: object
     gating: bool = True
+    profile_override: str = ""  # a golden record's cross-device/version profile (check --against --profile)
 
     @property
     def profile(self) -> str:
-        return getattr(self.candidate, "profile", "exact")
+        return self.profile_override or getattr(self.candidate, "profile", "exact")
 
     @property
     def net_mode(self) -> str:
@@ -196,8 +197,8 @@ class Recorder:
     def add(self, cand: Gated, d: dict, **overrides) -> Row:
         """A row another check made as a plain dict (scheduler, training), with this run's identity."""
         row = Row.from_dict({**d, **overrides})
-        row.run_id, row.candidate, row.profile, row.reference, row.gating = (
-            self.run_id, cand.name, cand.profile, self.reference, cand.gating)
+        row.run_id, row.candidate, row.profile, row.reference, row.gating = (  # these checks compare live
+            self.run_id, cand.name, cand.profile, "live", cand.gating)
         row.net_mode = row.net_mode or cand.net_mode
         row.preset = row.preset or self.preset
         self.rows.append(row)
@@ -243,8 +244,9 @@ def load_candidates(settings: GateSettings) -> list[Gated]:
 
 
 def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = None,
-             references=None) -> GateResult:
-    """Run the gate; `references` (parity.references.References) replaces building them."""
+             references=None, record=None) -> GateResult:
+    """Run the gate; `references` (parity.references.References) replaces building them; `record`
+    (parity.record.Record) replaces diffusers' outputs with a golden record's."""
     from parity import network_check, swap_check, tokenizer_check
     from parity.references import build_references, quiet_libraries
     from parity.run_context import GateRun
@@ -254,6 +256,8 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
     run_id = time.strftime("%Y%m%dT%H%M%S")
     table = Table.load(settings.tolerances)
     gated = load_candidates(settings)
+    for g in gated:
+        g.profile_override = record.profile if record is not None else ""
     for g in gated:  # a lossy candidate names a profile the table must have
         if g.profile != "exact" and g.profile not in table.profiles:
             raise cands.CandidateError(f"candidate {g.name!r}: its profile {g.profile!r} is not in {table.source} "
@@ -269,13 +273,17 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
                             f"encoder (at most {refs.cfg.text.layers})")
     preset_name = refs.cfg.name if refs else settings.preset
     label = preset_name if settings.model is None else f"model:{Path(settings.model).name}"
-    rec = Recorder(run_id, label, settings.device, table)
+    rec = Recorder(run_id, label, settings.device, table, reference=record.reference if record else "live")
     notes = list(refs.notes) if refs else []
+    if record is not None and refs is not None:
+        record.verify(refs)
+        notes.insert(0, record.provenance())
     for g in gated:
         reason = g.candidate.unavailable()
         if reason:
             notes.append(f"{g.name}: unavailable: {reason}")
     run = GateRun(settings, refs, rec, say)
+    run.record = record
     if refs and any(d != "fp32" for d in settings.dtypes) and "fp32" not in settings.dtypes:
         network_check.reference_truths(run)  # low precision is judged against the fp32 reference
     for g in gated:  # integer ids: once per run, whatever the dtypes

@@ -55,6 +55,15 @@ def _candidate_outputs(name: str, ours, inp: dict, seed: int) -> list:
     return [ours(inp["x"], t, inp["ctx"]) for t in UNET_TIMESTEPS]
 
 
+def _reference(run, name: str, refs: dict, inp: dict, seed: int, dtype: str) -> list:
+    """The reference outputs of one direct check: the live reference network's, or a golden
+    record's (parity.record) when the run has one."""
+    record = getattr(run, "record", None)
+    if record is not None:
+        return record.direct(name, dtype, seed, run.device)
+    return _reference_outputs(name, refs[name], inp, seed)
+
+
 @torch.no_grad()
 def reference_truths(run) -> None:
     """The fp32 reference outputs of every direct check, for runs that judge low precision only."""
@@ -64,7 +73,7 @@ def reference_truths(run) -> None:
             continue
         for s in range(run.settings.seed, run.settings.seed + run.settings.num_seeds):
             inp = _inputs(name, run.refs.cfg, s, "fp32", run.device, run.refs.tokenizer)
-            run.truths[(name, s)] = [o[2].float().cpu() for o in _reference_outputs(name, refs[name], inp, s)]
+            run.truths[(name, s)] = [o[2].float().cpu() for o in _reference(run, name, refs, inp, s, "fp32")]
 
 
 @torch.no_grad()
@@ -77,7 +86,7 @@ def check_networks(run, g, built: dict, dtype: str) -> None:
         ours = as_plain(name, built[name], run.refs.networks[name])
         for s in range(st.seed, st.seed + st.num_seeds):
             inp = _inputs(name, run.refs.cfg, s, dtype, run.device, run.refs.tokenizer)
-            ref_outs = _reference_outputs(name, refs[name], inp, s)
+            ref_outs = _reference(run, name, refs, inp, s, dtype)
             with calling(g.name, f"{name} ({dtype})"):
                 outs = _candidate_outputs(name, ours, inp, s)
             if dtype == "fp32":

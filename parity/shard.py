@@ -113,7 +113,7 @@ def settings_from(d: dict):
 
 
 # --------------------------------------------------------------------------- running a shard
-def run_shard(settings, index: int, count: int, progress=None, references=None):
+def run_shard(settings, index: int, count: int, progress=None, references=None, record=None):
     """The gate's units owned by shard index/count, each run as its own gate over one set of
     references (built here unless given). Returns a GateResult of those rows."""
     from parity.gate import GateResult, run_gate
@@ -134,7 +134,8 @@ def run_shard(settings, index: int, count: int, progress=None, references=None):
         say(f"shard {index}/{count}: {u.candidate} {u.component} {u.dtype}")
         sub = dataclasses.replace(settings, dtypes=(u.dtype,), candidates=(u.candidate,), components=(u.component,),
                                   informational=tuple(c for c in settings.informational if c == u.candidate))
-        res = run_gate(sub, say, references=refs if u.component not in ("tokenizer", "train") else None)
+        res = run_gate(sub, say, references=refs if u.component not in ("tokenizer", "train") else None,
+                       record=record)
         for r in res.rows:
             r.run_id = run_id
         rows += res.rows

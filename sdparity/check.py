@@ -43,10 +43,21 @@ def add_parser(sub) -> None:
     p.add_argument("--junit-xml", default=None, metavar="FILE",
                    help="also write the gate as JUnit XML (testsuite per component, testcase per candidate x "
                         "dtype x mode x scheduler group; see docs/pytest-plugin.md)")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="compare the candidates with a golden record (sdparity record) instead of a live diffusers "
+                        "run; the gate's settings come from the record (docs/records.md)")
+    p.add_argument("--profile", default="", help="with --against: judge every row by this tolerance profile "
+                   "(e.g. cross: another device or library version; parity/tolerances.toml)")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="run the i-th of N deterministic parts of the gate's work units (1 <= i <= N); the run "
+                        "folder gets run.json for `sdparity merge` (docs/sharding.md)")
     p.add_argument("--force", action="store_true", help="replace --out (and --junit-xml) if it exists")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
+    from sdparity.record import mark_given
+
+    mark_given(p)  # --against: an option given that differs from the record is an error
 
 
 def candidates_of(args) -> list[str]:
@@ -73,6 +84,20 @@ def run(args) -> int:
     from parity.tolerances import Table
 
     settings = settings_of(args)
+    record = None
+    if args.against is not None:
+        from parity.record import Record
+        from sdparity.record import against_settings
+
+        record = Record.open(args.against, profile=args.profile)
+        settings = against_settings(args, settings, record)
+    elif args.profile:
+        raise UsageError("--profile is for --against (a record); a candidate names its own profile")
+    shard = None
+    if args.shard is not None:
+        from parity.shard import parse_shard
+
+        shard = parse_shard(args.shard)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("check-%Y%m%d-%H%M%S")
     check_target(out, "dir", args.force)  # before any work
     junit = check_target(args.junit_xml, "file", args.force, option="--junit-xml") if args.junit_xml else None
@@ -80,8 +105,15 @@ def run(args) -> int:
         raise UsageError(f"--junit-xml {args.junit_xml!r} is the --out folder; name a file")
     Table.load(settings.tolerances)
     load_candidates(settings)  # a bad candidate: one line, before any model is built
-    result = run_gate(settings, progress_printer("check", args.quiet))
-    paths = report.write_check(result, out, plots=not args.no_plots, force=args.force)
+    extra = None
+    if shard is not None:
+        from parity.shard import run_json, run_shard
+
+        result = run_shard(settings, *shard, progress=progress_printer("check", args.quiet), record=record)
+        extra = {"run.json": run_json(result, *shard)}
+    else:
+        result = run_gate(settings, progress_printer("check", args.quiet), record=record)
+    paths = report.write_check(result, out, plots=not args.no_plots, force=args.force, extra=extra)
     if junit is not None:  # after the run folder: --junit-xml may lie inside it
         from parity.junit import write_junit
 

@@ -33,6 +33,7 @@ SUBCOMMANDS = {
     "train": "sdparity.train",
     "ablation": "sdparity.ablation",
     "merge": "sdparity.merge",
+    "record": "sdparity.record",
 }
 
 
