@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -35,6 +36,10 @@ from scratch_sd import loading, storage
 from sdparity.main import main as cli
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the UNet's conv_in.weight in LDM keys
+# The names the contract fixes, spelled out (not imported) so that this file also runs, and fails
+# for the right reasons, against code from before issue 20.
+TMP_TAG = ".sdparity-tmp-"  # temporaries: .<target name>.sdparity-tmp-<writer pid>...
+HASH_METADATA = "sd_parity_sha256"
 FUZZ_CASES = 240
 
 
@@ -63,7 +68,7 @@ def sdparity(*args, **kw) -> subprocess.Popen:
 
 def temps_of(target: Path) -> list[Path]:
     """Our temporaries for `target` (and those nested in them) beside it."""
-    tag = f"{target.name}{storage.TMP_TAG}"
+    tag = f"{target.name}{TMP_TAG}"
     return [p for p in target.parent.iterdir() if p.name.lstrip(".").startswith(tag)]
 
 
@@ -71,7 +76,7 @@ def kill_when_temp_appears(proc: subprocess.Popen, target: Path, sig: int, timeo
     """Poll until `proc` has a temporary beside `target`, then send `sig`; returns the temporaries seen."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        seen = [p for p in temps_of(target) if storage.temp_pid(p.name) == proc.pid]
+        seen = [p for p in temps_of(target) if temp_pid(p.name) == proc.pid]
         if seen:
             os.kill(proc.pid, sig)
             return seen
@@ -81,6 +86,11 @@ def kill_when_temp_appears(proc: subprocess.Popen, target: Path, sig: int, timeo
         time.sleep(0.002)
     proc.kill()
     pytest.fail("no temporary appeared")
+
+
+def temp_pid(name: str) -> int | None:
+    m = re.match(r"\..*?" + re.escape(TMP_TAG) + r"(\d+)", name)
+    return int(m.group(1)) if m else None
 
 
 def dead_pid() -> int:
@@ -148,7 +158,7 @@ def test_unwritable_out_is_refused_before_work_naming_out(command, name, model_f
     rc, _, err = run_cli([*command, "--out", out], capsys)
     line = one_error(err)
     assert rc == 2 and f"--out {out!r}" in line and "cannot create files in /proc" in line, line
-    assert storage.TMP_TAG not in line and time.perf_counter() - t0 < 30
+    assert TMP_TAG not in line and time.perf_counter() - t0 < 30
     # a parent that is a file cannot hold the output either
     blocker = tmp_path / "blocker"
     blocker.write_text("")
@@ -218,14 +228,14 @@ def test_sigkill_during_convert_leaves_nothing_and_the_rerun_cleans_up(to, name,
 
 def test_generate_removes_a_stale_temporary_of_a_killed_writer(tmp_path, capsys):
     out = tmp_path / "x.png"
-    stale = tmp_path / f".x.png{storage.TMP_TAG}{dead_pid()}.png"
+    stale = tmp_path / f".x.png{TMP_TAG}{dead_pid()}.png"
     stale.write_bytes(b"")  # the 0-byte hidden temp a SIGKILLed generate left
     rc, _, err = run_cli(["generate", "--prompt", "a", "--steps", "1", "--no-progress", "--out", out], capsys)
     assert rc == 0 and out.is_file() and not stale.exists()
     assert [ln for ln in err.splitlines() if "stale temporary" in ln and stale.name in ln]
     writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live writer's: kept
     try:
-        alive = tmp_path / f".x.png{storage.TMP_TAG}{writer.pid}.png"
+        alive = tmp_path / f".x.png{TMP_TAG}{writer.pid}.png"
         alive.write_bytes(b"")
         rc, _, err = run_cli(["generate", "--prompt", "a", "--steps", "1", "--no-progress", "--out", out, "--force"],
                              capsys)
@@ -347,8 +357,8 @@ def test_nan_in_a_diffusers_folder_is_named(model_files, tmp_path, capsys):
 
 def test_our_files_carry_a_tensor_hash_that_finds_a_bit_flip(model_files, tmp_path, capsys):
     meta = storage.read_metadata(model_files["ours"])
-    assert len(meta[storage.HASH_METADATA]) == 64
-    assert meta[storage.HASH_METADATA] == storage.tensors_hash(load_file(str(model_files["ours"])), meta)
+    assert len(meta[HASH_METADATA]) == 64
+    assert meta[HASH_METADATA] == storage.tensors_hash(load_file(str(model_files["ours"])), meta)
     blob = bytearray(model_files["ours"].read_bytes())
     blob[-12345] ^= 0x01  # one bit of one weight: still a finite float, so only the hash can tell
     flipped = tmp_path / "flipped.safetensors"
@@ -360,7 +370,7 @@ def test_our_files_carry_a_tensor_hash_that_finds_a_bit_flip(model_files, tmp_pa
     # files without the hash (anyone else's) still load; a scratch checkpoint we write carries one too
     assert loading.read_model(model_files["plain"]).cfg.name == "tiny"
     assert cli(["convert", str(model_files["ours"]), "--to", "scratch", "--out", str(tmp_path / "s.safetensors")]) == 0
-    assert storage.HASH_METADATA in storage.read_metadata(tmp_path / "s.safetensors")
+    assert HASH_METADATA in storage.read_metadata(tmp_path / "s.safetensors")
 
 
 # --------------------------------------------------------------------------- pickles, messages
@@ -462,7 +472,8 @@ def _header_mutation(header: dict, data: bytes, n: int, rng: random.Random) -> t
     elif kind == "offsets":
         size = end - start
         e["data_offsets"] = rng.choice([[end, start], [start], [start + 4, end + 4], [start - 4, end - 4],
-                                        [0, 10 ** 12], None, [start, end + 1], [-size, 0], [len(data), len(data) + size],
+                                        [0, 10 ** 12], None, [start, end + 1], [-size, 0],
+                                        [len(data), len(data) + size],
                                         ["0", str(size)], [start + 2, end + 2]])
         if e["data_offsets"] == [start, end]:
             e["data_offsets"] = [start + 4, end + 4]
@@ -484,7 +495,7 @@ def _header_mutation(header: dict, data: bytes, n: int, rng: random.Random) -> t
         if choice == 0:
             h["__metadata__"] = rng.choice([3, "text", [1], None])
         elif choice == 1:
-            meta[storage.HASH_METADATA] = "0" * 64
+            meta[HASH_METADATA] = "0" * 64
         elif choice == 2:
             cfg = json.loads(meta["sd_parity_config"])
             cfg["image_size"] = cfg["image_size"] * 2
@@ -506,7 +517,8 @@ def _header_mutation(header: dict, data: bytes, n: int, rng: random.Random) -> t
             raw = b"[" * 100_000 + b"]" * 100_000  # deep nesting
         elif choice == 3:
             # a duplicate key (JSON readers keep the last): same bytes, another shape
-            raw = raw[:-1] + b', "' + key.encode() + b'": ' + json.dumps({**e, "shape": e["shape"] + [1]}).encode() + b"}"
+            twin = json.dumps({**e, "shape": e["shape"] + [1]}).encode()
+            raw = raw[:-1] + b', "' + key.encode() + b'": ' + twin + b"}"
         else:
             raw = raw + b"\x00garbage"
         return kind, _join(None, data, raw=raw)
@@ -534,7 +546,7 @@ def fuzz_cases(model_files, rng: random.Random, count: int):
     ours = model_files["ours"].read_bytes()
     ckpt = model_files["ckpt"].read_bytes()
     n, header, data = _split(ours)
-    hash_name = json.dumps(storage.HASH_METADATA).encode()
+    hash_name = json.dumps(HASH_METADATA).encode()
     # Flipping a bit inside the metadata key's own name leaves a valid file without a hash (which
     # loads by design): header flips skip those bytes; everything else in the header is covered.
     at = ours.index(hash_name, 8, 8 + n)
