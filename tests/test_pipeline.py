@@ -382,7 +382,7 @@ def test_cli_generate_img2img_compare(cached_models, tmp_path, capsys):
 @pytest.mark.parametrize("args, match", [
     (["--init-image", "INIT", "--strength", "1.5"], "strength"),
     (["--init-image", "INIT", "--strength", "0"], "strength"),
-    (["--height", "60"], "divisible by 8"),
+    (["--height", "60"], "--height must be a positive multiple of 8"),
     (["--init-image", "MISSING"], "No such init image"),
     (["--prompt", "b", "--negative-prompt", "x", "--negative-prompt", "y", "--negative-prompt", "z"],
      "negative_prompt` has 3 entries"),
