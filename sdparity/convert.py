@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--variant", default=None, help="diffusers source: the weights variant to read (e.g. fp16)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="--to diffusers: the tokenizer folder to copy (default: the source folder's; for a "
-                        "single file, a generated placeholder vocabulary)")
+                        "single file, CLIP's shipped vocabulary)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)
 
