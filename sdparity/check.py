@@ -5,36 +5,21 @@ import sys
 import time
 from pathlib import Path
 
-from sdparity.common import UsageError, progress_printer
+from sdparity.common import UsageError, add_gate_options, gate_settings, progress_printer
 
 
 def add_parser(sub) -> None:
     from parity.gate import GATE_COMPONENTS
 
     p = sub.add_parser("check", help="the parity gate: candidates vs diffusers, component by component")
-    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
-    p.add_argument("--model", default=None, help="a local diffusers folder or a single .safetensors/.ckpt file")
+    add_gate_options(p, f"comma list of {', '.join(GATE_COMPONENTS)} (default all = every one but train)",
+                     "comma list of fp32, fp16, bf16 (default fp32)")
     p.add_argument("--candidates", default=None,
                    help="comma list of candidates to gate (built-in names, installed entry points, or "
                         "package.module:factory; see `sdparity candidates`; default scratch)")
     p.add_argument("--candidate", dest="candidates_one", action="append", default=None,
                    help="one candidate (repeatable); joins --candidates")
     p.add_argument("--informational", default="", help="comma list of candidates reported but not gated")
-    p.add_argument("--components", default="all",
-                   help=f"comma list of {', '.join(GATE_COMPONENTS)} (default all = every one but train)")
-    p.add_argument("--dtypes", default="fp32", help="comma list of fp32, fp16, bf16 (default fp32)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--scheduler", default="pndm", help="scheduler for the pipeline runs, or 'all' (default pndm)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per pipeline run (tiny 4, sd15 2)")
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (tiny 64, sd15 256)")
-    from sdparity.common import seed as seed_arg
-
-    p.add_argument("--seed", type=seed_arg, default=0, help="base seed (default 0)")
-    p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
-    p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
-    p.add_argument("--clip-skip", type=int, default=None,
-                   help="diffusers' clip_skip in every pipeline run: prompt embeddings N layers before the "
-                        "text encoder's last, through its final LayerNorm (default: none)")
     p.add_argument("--exact", action="store_true",
                    help="alias of --candidates scratch-exact: the scratch networks in exact mode (NCHW, "
                         "diffusers' kernels: bit-identical) instead of the default fast mode")
@@ -68,13 +53,8 @@ def candidates_of(args) -> list[str]:
 
 
 def settings_of(args):
-    from parity.gate import GateSettings
-
-    return GateSettings.make(preset=args.preset, model=args.model, components=args.components, dtypes=args.dtypes,
-                             device=args.device, scheduler=args.scheduler, steps=args.steps, size=args.size,
-                             seed=args.seed, num_seeds=args.num_seeds, modes=args.modes,
-                             candidates=candidates_of(args), informational=args.informational,
-                             tolerances=args.tolerances, clip_skip=args.clip_skip)
+    return gate_settings(args, candidates=candidates_of(args), informational=args.informational,
+                         tolerances=args.tolerances)
 
 
 def run(args) -> int:

@@ -112,3 +112,33 @@ def check_sizes(height: int | None, width: int | None) -> None:
                           for n, v in (("height", height), ("width", width)))
         raise UsageError(f"{' and '.join('--' + n for n in bad)} must be a positive multiple of 8 (the VAE "
                          f"downsamples by 8); given: {given}")
+
+
+def add_gate_options(p, components_help: str, dtypes_help: str) -> None:
+    """The options that fix what a gate runs (`check` and `record` take the same ones; a record
+    stores them, `check --against` reads them back): preset or model, components, dtypes, device,
+    schedulers, steps, size, seeds, modes, clip_skip."""
+    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
+    p.add_argument("--model", default=None, help="a local diffusers folder or a single .safetensors/.ckpt file")
+    p.add_argument("--components", default="all", help=components_help)
+    p.add_argument("--dtypes", default="fp32", help=dtypes_help)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--scheduler", default="pndm", help="scheduler for the pipeline runs, or 'all' (default pndm)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per pipeline run (tiny 4, sd15 2)")
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (tiny 64, sd15 256)")
+    p.add_argument("--seed", type=seed, default=0, help="base seed (default 0)")
+    p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
+    p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="diffusers' clip_skip in every pipeline run: prompt embeddings N layers before the "
+                        "text encoder's last, through its final LayerNorm (default: none)")
+
+
+def gate_settings(args, **extra):
+    """parity.gate.GateSettings from the options of `add_gate_options` (plus `extra` fields)."""
+    from parity.gate import GateSettings
+
+    return GateSettings.make(preset=args.preset, model=args.model, components=args.components, dtypes=args.dtypes,
+                             device=args.device, scheduler=args.scheduler, steps=args.steps, size=args.size,
+                             seed=args.seed, num_seeds=args.num_seeds, modes=args.modes, clip_skip=args.clip_skip,
+                             **extra)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdparity.common import UsageError, progress_printer
+from sdparity.common import UsageError, add_gate_options, gate_settings, progress_printer
 
 # the gate options a record fixes: (argparse dest, GateSettings field, the parser's default)
 RECORDED = (("preset", "preset", "tiny"), ("model", "model", None), ("components", "components", "all"),
@@ -18,21 +18,10 @@ RECORDED = (("preset", "preset", "tiny"), ("model", "model", None), ("components
 
 def add_parser(sub) -> None:
     from parity.gate import GATE_COMPONENTS
-    from sdparity.common import seed as seed_arg
 
     p = sub.add_parser("record", help="store the reference side of the gate (diffusers) as a golden record")
-    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
-    p.add_argument("--model", default=None, help="a local diffusers folder or a single .safetensors/.ckpt file")
-    p.add_argument("--components", default="all", help=f"comma list of {', '.join(GATE_COMPONENTS)} (default all)")
-    p.add_argument("--dtypes", default="fp32", help="comma list of fp32, fp16, bf16 (fp32 is always recorded)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--scheduler", default="pndm", help="scheduler for the pipeline runs, or 'all' (default pndm)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per pipeline run (tiny 4, sd15 2)")
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (tiny 64, sd15 256)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="base seed (default 0)")
-    p.add_argument("--num-seeds", type=int, default=2, help="seeds per direct network check (default 2)")
-    p.add_argument("--modes", default="txt2img,img2img", help="pipeline modes (default txt2img,img2img)")
-    p.add_argument("--clip-skip", type=int, default=None, help="diffusers' clip_skip in every pipeline run")
+    add_gate_options(p, f"comma list of {', '.join(GATE_COMPONENTS)} (default all)",
+                     "comma list of fp32, fp16, bf16 (fp32 is always recorded)")
     p.add_argument("--out", default=None, help="record folder (default reports/record-<time>)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -40,14 +29,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from parity.gate import GateSettings
     from parity.outputs import check_target
     from parity.record import write_record
 
-    settings = GateSettings.make(preset=args.preset, model=args.model, components=args.components,
-                                 dtypes=args.dtypes, device=args.device, scheduler=args.scheduler, steps=args.steps,
-                                 size=args.size, seed=args.seed, num_seeds=args.num_seeds, modes=args.modes,
-                                 clip_skip=args.clip_skip)
+    settings = gate_settings(args)
     out = Path(args.out) if args.out else Path("reports") / time.strftime("record-%Y%m%d-%H%M%S")
     check_target(out, "dir", args.force)
     t0 = time.time()
