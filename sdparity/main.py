@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "ablation": "sdparity.ablation",
     "merge": "sdparity.merge",
     "record": "sdparity.record",
+    "sensitivity": "sdparity.sensitivity",
 }
 
 
