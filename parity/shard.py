@@ -148,10 +148,12 @@ def run_shard(settings, index: int, count: int, progress=None, references=None, 
     return GateResult(settings, rows, images, run_id, label, source, time.time() - t0, list(dict.fromkeys(notes)))
 
 
-def run_json(result, index: int, count: int) -> bytes:
-    """The shard's run.json: what `merge` checks and needs."""
+def run_json(result, index: int, count: int, reference: str = "live") -> bytes:
+    """The shard's run.json: what `merge` checks and needs. `reference`: `live`, or the
+    `record:<id>` the shard was checked against (shards of different references do not merge)."""
     mine = owned(result.settings, index, count)
     doc = {"format": RUN_FORMAT, "kind": "sdparity-check-shard", "settings": settings_dict(result.settings),
+           "reference": reference,
            "shard": {"index": index, "count": count}, "units": [dataclasses.astuple(u) for u in mine],
            "run_id": result.run_id, "preset_label": result.preset_label, "source": result.source,
            "elapsed_s": result.elapsed_s, "notes": result.notes, "rows": len(result.rows)}
@@ -226,6 +228,10 @@ def merge(folders: list[Path]):
                         if d["settings"].get(k) != first["settings"].get(k))
             raise ShardError(f"{d['folder']} was run with different settings than {first['folder']} "
                              f"({diff}: {d['settings'].get(diff)!r} vs {first['settings'].get(diff)!r})")
+    for d in docs[1:]:
+        if d.get("reference", "live") != first.get("reference", "live"):
+            raise ShardError(f"{d['folder']} was checked against {d.get('reference', 'live')}, {first['folder']} "
+                             f"against {first.get('reference', 'live')}: shards of one run share their reference")
     counts = {d["shard"]["count"] for d in docs}
     if len(counts) > 1:
         raise ShardError(f"shards of different counts: {', '.join(f'/{c}' for c in sorted(counts))}")

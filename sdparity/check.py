@@ -90,7 +90,7 @@ def run(args) -> int:
         from parity.shard import run_json, run_shard
 
         result = run_shard(settings, *shard, progress=progress_printer("check", args.quiet), record=record)
-        extra = {"run.json": run_json(result, *shard)}
+        extra = {"run.json": run_json(result, *shard, reference=record.reference if record else "live")}
     else:
         result = run_gate(settings, progress_printer("check", args.quiet), record=record)
     paths = report.write_check(result, out, plots=not args.no_plots, force=args.force, extra=extra)
