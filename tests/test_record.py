@@ -198,3 +198,33 @@ def test_sd15_fp32_record_and_check_against_it(tmp_path, capsys):
     assert {r["reference"] for r in rows if r["component"] != "scheduler"} == {rec.reference}
     # the installed diffusers against its own record on this machine: bit for bit
     assert all(float(r["max_abs"]) == 0.0 for r in rows if r["candidate"] == "diffusers")
+
+
+def test_same_rows_tool_compares_numbers_not_run_ids(tmp_path):
+    """tools/same_rows.py (CI's record-vs-live comparison): equal apart from run_id/reference -> 0;
+    one changed number or one missing row -> 1, naming it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from parity.rows import Row, to_csv
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "same_rows.py"
+    base = [Row(run_id="a", component="vae", dtype="fp32", tensor="image", max_abs=1e-6, candidate="scratch"),
+            Row(run_id="a", component="vae", dtype="fp32", tensor="image", max_abs=2e-6, candidate="scratch")]
+    other = [Row(**{**r.as_dict(), "run_id": "b", "reference": "record:x"}) for r in base]
+    (tmp_path / "a.csv").write_text(to_csv(base))
+    (tmp_path / "b.csv").write_text(to_csv(other))
+
+    def run(b):
+        p = subprocess.run([sys.executable, str(tool), str(tmp_path / "a.csv"), str(b)], capture_output=True, text=True)
+        return p.returncode, p.stdout
+
+    assert run(tmp_path / "b.csv")[0] == 0
+    other[1].max_abs = 3e-6
+    (tmp_path / "c.csv").write_text(to_csv(other))
+    code, out = run(tmp_path / "c.csv")
+    assert code == 1 and "max_abs" in out and "1 differ" in out
+    (tmp_path / "d.csv").write_text(to_csv(other[:1]))
+    code, out = run(tmp_path / "d.csv")
+    assert code == 1 and "row only in A" in out
