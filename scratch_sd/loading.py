@@ -126,7 +126,10 @@ def load_sd_config(root: Path) -> SDConfig:
     text = CLIPTextConfig.from_reference(read_json(root / "text_encoder" / "config.json"))
     vae = VAEConfig.from_reference(read_json(root / "vae" / "config.json"))
     unet = UNetConfig.from_reference(read_json(root / "unet" / "config.json"))
-    cfg = SDConfig(name=root.name, text=text, vae=vae, unet=unet, image_size=unet.sample_size * vae.downsample_factor)
+    sched = root / "scheduler" / "scheduler_config.json"  # what the UNet predicts is the scheduler's config
+    pred = read_json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
+    cfg = SDConfig(name=root.name, text=text, vae=vae, unet=unet, image_size=unet.sample_size * vae.downsample_factor,
+                   prediction_type=pred)
     return preset_named(cfg)
 
 
@@ -192,13 +195,14 @@ def read_folder(root: Path, components=NETWORKS, variant: str | None = None) -> 
 
 
 # --------------------------------------------------------------------------- single files
-def read_single_file(path: Path, ema: bool = False) -> Model:
-    """An original LDM checkpoint -> scratch keys (config from our metadata, else from the shapes)."""
+def read_single_file(path: Path, ema: bool = False, prediction_type: str | None = None) -> Model:
+    """An original LDM checkpoint -> scratch keys (config from our metadata, else from the shapes;
+    `prediction_type` overrides both, see single_file.read)."""
     path = Path(path)
     meta = storage.read_metadata(path)
     state = storage.load_state_dict(path)
     cfg = single_file.config_from_json(meta[single_file.CONFIG_METADATA]) if single_file.CONFIG_METADATA in meta else None
-    reading = single_file.read(state, ema=ema, cfg=cfg, name=path.stem)
+    reading = single_file.read(state, ema=ema, cfg=cfg, name=path.stem, prediction_type=prediction_type)
     notes = (["architecture: from the file's sd_parity_config metadata"] if cfg else []) + reading.notes
     if single_file.schedule_matches_sd15(state) is False:
         notes.append("the file's alphas_cumprod is not SD 1.x's scaled_linear(0.00085, 0.012) schedule: "
@@ -236,24 +240,28 @@ def kind_of(path: str | os.PathLike) -> str:
     return "single"
 
 
-def read_model(path: str | os.PathLike, components=NETWORKS, ema: bool = False, variant: str | None = None) -> Model:
-    """Weights of any accepted format, in scratch keys. `ema` applies to single files (the UNet's
-    EMA copy); `variant` to diffusers folders (e.g. "fp16")."""
+def read_model(path: str | os.PathLike, components=NETWORKS, ema: bool = False, variant: str | None = None,
+               prediction_type: str | None = None) -> Model:
+    """Weights of any accepted format, in scratch keys. `ema` and `prediction_type` apply to single
+    files (the UNet's EMA copy; what the UNet predicts); `variant` to diffusers folders (e.g. "fp16")."""
     kind = kind_of(path)
     if ema and kind != "single":
         raise ValueError(f"--ema applies to original single files only ({path} is a {kind} "
                          f"{'folder' if kind == 'diffusers' else 'checkpoint'})")
+    if prediction_type is not None and kind != "single":
+        raise ValueError(f"--prediction-type applies to original single files only ({path} is a {kind} "
+                         f"{'folder: its scheduler config says it' if kind == 'diffusers' else 'checkpoint'})")
     if kind == "diffusers":
         return read_folder(Path(path), components, variant)
-    model = read_single_file(Path(path), ema) if kind == "single" else read_scratch(Path(path))
+    model = read_single_file(Path(path), ema, prediction_type) if kind == "single" else read_scratch(Path(path))
     model.state = {k: v for k, v in model.state.items() if k.split(".", 1)[0] in components}
     return model
 
 
-def load_networks(path: str | os.PathLike, components=NETWORKS, ema: bool = False,
-                  variant: str | None = None) -> tuple[SDConfig, dict[str, nn.Module], Model]:
+def load_networks(path: str | os.PathLike, components=NETWORKS, ema: bool = False, variant: str | None = None,
+                  prediction_type: str | None = None) -> tuple[SDConfig, dict[str, nn.Module], Model]:
     """Scratch networks with the weights at `path`: (config, {component: network}, what was read)."""
-    model = read_model(path, components, ema, variant)
+    model = read_model(path, components, ema, variant, prediction_type)
     nets = {name: network(name, model.cfg, model.component(name)) for name in components}
     return model.cfg, nets, model
 

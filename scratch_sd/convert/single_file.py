@@ -1,11 +1,16 @@
-"""Original single-file checkpoints (`v1-5-pruned-emaonly.safetensors` / `.ckpt`) <-> scratch.
+"""Original single-file checkpoints (`v1-5-pruned-emaonly.safetensors`, `v2-1_768-ema-pruned`) <-> scratch.
 
-An original (CompVis LDM) Stable Diffusion 1.x checkpoint holds the three networks in
-one flat state dict, under three prefixes:
+An original (CompVis / Stability LDM) Stable Diffusion 1.x or 2.x checkpoint holds the three
+networks in one flat state dict, under three prefixes:
 
     model.diffusion_model.*          UNet              (scratch_sd/convert/unet.py: ldm_table)
     first_stage_model.*              VAE               (scratch_sd/convert/vae.py: ldm_table)
-    cond_stage_model.transformer.*   CLIP text encoder (scratch_sd/convert/clip.py: ldm_table)
+    cond_stage_model.transformer.*   SD 1.x: OpenAI CLIP text encoder (scratch_sd/convert/clip.py: ldm_table)
+    cond_stage_model.model.*         SD 2.x: OpenCLIP ViT-H text tower (clip.py: openclip_table)
+
+The family is read from the keys (`text_layout`): OpenCLIP names mean SD 2.x. Its UNet differs
+only in shapes (linear proj_in/proj_out: 2-D weights, copied as they are by the same table;
+1024-wide context), so the UNet table is shared.
 
 The table for the whole file is those three tables composed; our side of it is one flat
 state dict whose keys carry the component name (`unet.conv_in.weight`, `vae.encoder...`,
@@ -23,14 +28,29 @@ rule took):
     EMA_NOT_SELECTED    model_ema.*: the UNet's EMA copy, when the non-EMA weights are read (default,
                         as diffusers' from_single_file); `ema=True` (`--ema`) reads it instead, and
     NON_EMA_NOT_SELECTED  then the model.diffusion_model.* copy is the one left unused.
+    GLOBAL_STEP         global_step: the training step counter (read by the prediction-type rule).
+    OPENCLIP_UNUSED_LAYER, OPENCLIP_TEXT_PROJECTION, OPENCLIP_LOGIT_SCALE   SD 2.x: OpenCLIP's last
+                        resblock (SD 2.x runs the penultimate layer), text_projection and logit_scale
+                        (clip.openclip_unused, each shape-checked). How many layers are run: the
+                        config given (metadata), else resblocks - 1 when text_projection is present
+                        (OpenCLIP's whole tower, as Stability ships it), else all of them (a file our
+                        writer wrote: it invents no unused layer; diffusers reads it the same).
 
 EMA keys are LDM's LitEma names: `model_ema.` + the UNet key without its `model.` and without
 dots (`model.diffusion_model.out.2.bias` -> `model_ema.diffusion_modelout2bias`).
 
 Attention head counts and GroupNorm group counts are not stored in a file. `infer_config`
 reads every size from the tensor shapes and takes the rest from the preset whose shapes
-match (tiny, sd15), or else SD 1.x's values (8 UNet heads, CLIP head size 64, 32 groups),
-saying so in `Reading.notes`. A file written by our exporter carries its config as metadata.
+match (tiny, sd15, tiny-sd2, sd2-base / sd21), or else the family's values (SD 1.x: 8 UNet
+heads; SD 2.x: 64-wide UNet heads, GELU; CLIP head size 64, 32 groups), saying so in
+`Reading.notes`. A file written by our exporter carries its config as metadata.
+
+Prediction type (and upcast_attention) are not in the weights either. `read` takes them from,
+first to last: the `prediction_type` argument (the CLI's flag), the file's metadata, else diffusers'
+from_single_file rule (single_file_utils._legacy_load_scheduler): an SD 2.x file is v_prediction
+unless its `global_step` is 875000 (2.x-base), SD 1.x is epsilon. sd2-base and sd21 have equal
+shapes: the prediction type picks which (sd21 brings upcast_attention=True and 768 px). The note
+says which source decided.
 """
 from __future__ import annotations
 
@@ -50,7 +70,10 @@ Tensor = torch.Tensor
 
 COMPONENTS = NETWORKS  # the three networks a single file holds
 UNET, VAE, TEXT = unet.LDM_PREFIX, vae.LDM_PREFIX, clip.LDM_PREFIX
-PREFIXES = {"text_encoder": TEXT, "vae": VAE, "unet": UNET}
+OPENCLIP = clip.OPENCLIP_PREFIX
+TEXT_PREFIXES = {"clip": TEXT, "openclip": OPENCLIP}  # text layout -> prefix (SD 1.x, SD 2.x)
+PREFIXES = {"text_encoder": TEXT, "vae": VAE, "unet": UNET}  # SD 1.x's; prefixes(layout) for either
+SD2_BASE_GLOBAL_STEP = 875000  # diffusers: a v2 file with this global_step is 2.x-base (epsilon)
 EMA = "model_ema."
 CONFIG_METADATA = "sd_parity_config"  # safetensors metadata key our exporter writes (SDConfig as JSON)
 
@@ -87,6 +110,8 @@ IGNORE_RULES = (
          lambda k: k in (TEXT + "text_model." + clip.POSITION_IDS, TEXT + clip.POSITION_IDS)),
     Rule("VAE_TRAINING_LOSS", "the autoencoder's training loss (LPIPS / discriminator)",
          lambda k: k.startswith(VAE + "loss.")),
+    Rule("GLOBAL_STEP", "the training step counter (diffusers' prediction-type rule reads it)",
+         lambda k: k == "global_step"),
 )
 EMA_NOT_SELECTED = Rule("EMA_NOT_SELECTED", "the UNet's EMA copy (pass --ema to read it instead)",
                         lambda k: k.startswith(EMA))
@@ -113,19 +138,13 @@ def _other_architecture(state: Mapping[str, Tensor]) -> str | None:
         return "a Flux checkpoint (double_blocks.* keys)"
     if has("control_model."):
         return "a ControlNet checkpoint (control_model.* keys)"
-    if has("cond_stage_model.model."):
-        return "an SD 2.x checkpoint (OpenCLIP text encoder: cond_stage_model.model.* keys)"
-    k = _first(state, r"^(model\.diffusion_model\.|model_ema\.).*attn2\.?to_?k\.?weight$")
-    if k is not None and state[k].ndim == 2 and state[k].shape[1] == 1024:
-        return f"an SD 2.x checkpoint (UNet cross-attention context 1024 wide: {k})"
-    k = _first(state, r"^model\.diffusion_model\..*\.proj_in\.weight$")
-    if k is not None and state[k].ndim == 2:
-        return f"an SD 2.x checkpoint (UNet linear proj_in, use_linear_projection: {k})"
+    if has(OPENCLIP) and has(TEXT):
+        return "two text encoders (both cond_stage_model.model.* and cond_stage_model.transformer.* keys)"
     k = UNET + "input_blocks.0.0.weight"
     if k in state and state[k].ndim == 4 and state[k].shape[1] != 4:
         kinds = {9: "an inpainting", 8: "an instruct-pix2pix", 5: "a depth-to-image", 7: "an x4-upscaler"}
         c = state[k].shape[1]
-        return f"{kinds.get(c, 'a non-SD 1.x')} checkpoint (UNet takes {c} input channels, {k})"
+        return f"{kinds.get(c, 'a non-SD 1.x/2.x')} checkpoint (UNet takes {c} input channels, {k})"
     if has("depth_model."):
         return "a depth-to-image checkpoint (depth_model.* keys)"
     for prefix, what in (("down_blocks.", "a diffusers UNet"), ("text_model.", "a transformers text encoder"),
@@ -137,21 +156,39 @@ def _other_architecture(state: Mapping[str, Tensor]) -> str | None:
     return None
 
 
-def detect_architecture(state: Mapping[str, Tensor]) -> None:
-    """Raise UnsupportedCheckpoint naming what was recognised, unless this is an SD 1.x single file."""
+def text_layout(state: Mapping[str, Tensor]) -> str:
+    """"openclip" (SD 2.x: cond_stage_model.model.*) or "clip" (SD 1.x), from the keys."""
+    return "openclip" if any(k.startswith(OPENCLIP) for k in state) else "clip"
+
+
+def layout_of(cfg: SDConfig) -> str:
+    """The text layout a single file of `cfg` is written in: OpenCLIP's (SD 2.x) for a GELU tower --
+    every GELU CLIP text tower of the SD family is OpenCLIP's -- else OpenAI CLIP's (QuickGELU)."""
+    return "openclip" if cfg.text.activation == "gelu" else "clip"
+
+
+def prefixes(layout: str) -> dict[str, str]:
+    return {**PREFIXES, "text_encoder": TEXT_PREFIXES[layout]}
+
+
+def detect_architecture(state: Mapping[str, Tensor]) -> str:
+    """The text layout ("clip": SD 1.x, "openclip": SD 2.x); UnsupportedCheckpoint naming what was
+    recognised for anything else."""
     other = _other_architecture(state)
     if other:
-        raise UnsupportedCheckpoint(f"recognised {other}; only Stable Diffusion 1.x single files "
-                                    f"(model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*) "
-                                    "are supported")
-    missing = [f"{name} ({p}*)" for name, p in PREFIXES.items()
+        raise UnsupportedCheckpoint(f"recognised {other}; only Stable Diffusion 1.x / 2.x single files "
+                                    f"(model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.* "
+                                    "or cond_stage_model.model.*) are supported")
+    layout = text_layout(state)
+    missing = [f"{name} ({p}*)" for name, p in prefixes(layout).items()
                if not any(k.startswith(p) for k in state) and not (name == "unet" and any(k.startswith(EMA) for k in state))]
     if len(missing) == len(PREFIXES):
         tops = sorted({k.split(".")[0] for k in state})
-        raise UnsupportedCheckpoint(f"recognised no Stable Diffusion 1.x keys (top-level names: {', '.join(tops[:8])}"
-                                    f"{', ...' if len(tops) > 8 else ''})")
+        raise UnsupportedCheckpoint(f"recognised no Stable Diffusion 1.x/2.x keys (top-level names: "
+                                    f"{', '.join(tops[:8])}{', ...' if len(tops) > 8 else ''})")
     if missing:
         raise ConversionError(f"single file has no weights for {', '.join(missing)}")
+    return layout
 
 
 # --------------------------------------------------------------------------- key selection
@@ -200,8 +237,14 @@ def select_weights(state: Mapping[str, Tensor], ema: bool = False,
         if has_ema:
             notes.append(f"the file also holds EMA UNet weights ({len(ignored[EMA_NOT_SELECTED.name])} model_ema.* "
                          "keys), not used; pass --ema to use them")
-    out = clip.normalize_ldm_clip_keys(out)  # old files lack the `text_model.` level
-    unknown = [k for k in out if not any(k.startswith(p) for p in PREFIXES.values())]
+    layout = text_layout(out)
+    if layout == "clip":
+        out = clip.normalize_ldm_clip_keys(out)  # old files lack the `text_model.` level
+    else:
+        layers = cfg.text.layers if cfg is not None else clip.openclip_layers_used(out)
+        for rule, keys in clip.openclip_unused(out, replace(_infer_openclip(out), layers=layers)).items():
+            out = _take(out, Rule(rule, "", lambda k, keys=frozenset(keys): k in keys), ignored)
+    unknown = [k for k in out if not any(k.startswith(p) for p in prefixes(layout).values())]
     if unknown:
         raise ConversionError(f"single file has {len(unknown)} keys outside the UNet, VAE and text encoder that no "
                               f"rule covers: {', '.join(sorted(unknown)[:6])}{' ...' if len(unknown) > 6 else ''}")
@@ -276,7 +319,19 @@ def _infer_vae(state: Mapping[str, Tensor]) -> VAEConfig:
                      mid_attention=e + "mid.attn_1.norm.weight" in state)
 
 
+def _infer_openclip(state: Mapping[str, Tensor]) -> CLIPTextConfig:
+    """SD 2.x text tower: sizes from the OpenCLIP keys (the layers: the resblocks left after the named
+    rules), GELU; heads from the preset or the fallback (infer_config)."""
+    t = OPENCLIP
+    vocab, width = _shape(state, t + "token_embedding.weight")
+    return CLIPTextConfig(vocab_size=vocab, width=width, layers=clip.openclip_resblocks(state), heads=1,
+                          mlp_width=_shape(state, t + clip.RESBLOCKS + "0.mlp.c_fc.weight")[0],
+                          max_positions=_shape(state, t + "positional_embedding")[0], activation="gelu")
+
+
 def _infer_text(state: Mapping[str, Tensor]) -> CLIPTextConfig:
+    if text_layout(state) == "openclip":
+        return _infer_openclip(state)
     t = TEXT + "text_model."
     vocab, width = _shape(state, t + "embeddings.token_embedding.weight")
     return CLIPTextConfig(vocab_size=vocab, width=width, layers=len(_indices(state, t + "encoder.layers.")), heads=1,
@@ -297,26 +352,64 @@ def _visible(text: CLIPTextConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig) -> 
     return tuple({f.name: getattr(sub, f.name) for f in fields(sub) if f.name not in HIDDEN[part]} for part, sub in parts)
 
 
-def infer_config(state: Mapping[str, Tensor], name: str = "single-file") -> tuple[SDConfig, list[str]]:
-    """SDConfig from the tensor shapes of a (selected, normalised) single file, and a note on what was assumed."""
+def _fallback(text: CLIPTextConfig, vae_cfg: VAEConfig, unet_cfg: UNetConfig, name: str, sd2: bool,
+              prediction_type: str) -> tuple[SDConfig, str]:
+    """The family's head and group counts, when no preset's shapes match."""
+    if text.width % 64:
+        raise UnsupportedConfig(f"text width {text.width} is not a multiple of CLIP's head size 64")
+    if sd2:  # SD 2.x yaml: num_head_channels 64 (diffusers: attention_head_dim = channels // 64 per level)
+        bad = [c for c in unet_cfg.block_out_channels if c % 64]
+        if bad:
+            raise UnsupportedConfig(f"UNet widths {bad} are not multiples of SD 2.x's head size 64")
+        heads = tuple(c // 64 for c in unet_cfg.block_out_channels)
+        upcast = prediction_type == "v_prediction"  # as sd21 (768, v) / sd2-base (512, epsilon)
+        unet_cfg = replace(unet_cfg, num_heads=heads, norm_groups=32, upcast_attention=upcast)
+        what = f"SD 2.x: UNet heads {list(heads)} (64 wide), GELU text, upcast_attention={upcast}"
+    else:
+        unet_cfg = replace(unet_cfg, num_heads=8, norm_groups=32)
+        what = "SD 1.x: 8 UNet heads"
+    cfg = SDConfig(name=name, text=replace(text, heads=text.width // 64), vae=replace(vae_cfg, norm_groups=32),
+                   unet=unet_cfg, prediction_type=prediction_type)
+    return cfg, (f"architecture: inferred from the shapes (no preset matches); head and group counts are not "
+                 f"stored in a file, assumed as {what}, {cfg.text.heads} CLIP heads (size 64), 32 norm groups")
+
+
+def infer_config(state: Mapping[str, Tensor], name: str = "single-file",
+                 prediction_type: str = "epsilon") -> tuple[SDConfig, list[str]]:
+    """SDConfig from the tensor shapes of a (selected, normalised) single file, and a note on what was
+    assumed. Of the presets whose shapes match, the one with `prediction_type` (sd2-base / sd21 differ
+    only there); a preset of another prediction type is taken with this one, under `name`."""
     text, vae_cfg, unet_cfg = _infer_text(state), _infer_vae(state), _infer_unet(state)
     seen = _visible(text, vae_cfg, unet_cfg)
-    for preset_name, make in PRESETS.items():
-        p = make()
-        if _visible(p.text, p.vae, p.unet) == seen:
-            return replace(p, name=preset_name), [f"architecture: the {preset_name} preset's shapes "
-                                                       "(head and group counts from it)"]
-    try:  # SD 1.x: CLIP head size 64, 8 UNet heads per level, 32 GroupNorm groups
-        if text.width % 64:
-            raise UnsupportedConfig(f"text width {text.width} is not a multiple of CLIP's head size 64")
-        cfg = SDConfig(name=name, text=replace(text, heads=text.width // 64), vae=replace(vae_cfg, norm_groups=32),
-                       unet=replace(unet_cfg, num_heads=8, norm_groups=32))
+    matches = [(n, make()) for n, make in PRESETS.items()]
+    matches = [(n, p) for n, p in matches if _visible(p.text, p.vae, p.unet) == seen]
+    if matches:
+        n, p = next(((n, p) for n, p in matches if p.prediction_type == prediction_type), matches[0])
+        if p.prediction_type == prediction_type:
+            return replace(p, name=n), [f"architecture: the {n} preset's shapes (head and group counts from it)"]
+        return replace(p, name=name, prediction_type=prediction_type), [
+            f"architecture: the {n} preset's shapes (head and group counts from it), with "
+            f"prediction_type={prediction_type}"]
+    try:
+        cfg, what = _fallback(text, vae_cfg, unet_cfg, name, text_layout(state) == "openclip", prediction_type)
     except UnsupportedConfig as exc:
-        raise UnsupportedConfig(f"single file's shapes fit no preset, and SD 1.x's head/group counts do not fit "
-                                f"them: {exc}") from None
-    return cfg, ["architecture: inferred from the shapes (no preset matches); head and group counts are not "
-                 f"stored in a file, assumed as SD 1.x: 8 UNet heads, {cfg.text.heads} CLIP heads (size 64), "
-                 "32 norm groups"]
+        raise UnsupportedConfig(f"single file's shapes fit no preset, and the family's head/group counts do not "
+                                f"fit them: {exc}") from None
+    return cfg, [what]
+
+
+def prediction_rule(state: Mapping[str, Tensor], layout: str) -> tuple[str, str]:
+    """diffusers' from_single_file rule (_legacy_load_scheduler): (prediction type, why). diffusers
+    recognises a v2 file by a 1024-wide context; we by its OpenCLIP keys (so a tiny SD 2.x file too)."""
+    if layout != "openclip":
+        return "epsilon", "SD 1.x: epsilon (diffusers' from_single_file rule)"
+    step = state.get("global_step")
+    step = int(step.reshape(-1)[0]) if isinstance(step, Tensor) and step.numel() == 1 else None
+    if step == SD2_BASE_GLOBAL_STEP:
+        return "epsilon", f"diffusers' from_single_file rule: an SD 2.x file with global_step {step} (2.x-base)"
+    return "v_prediction", (f"diffusers' from_single_file rule: an SD 2.x file whose global_step is "
+                            f"{step if step is not None else 'absent'}, not {SD2_BASE_GLOBAL_STEP}; a 2.x-base "
+                            "file is epsilon: pass --prediction-type epsilon")
 
 
 def config_to_json(cfg: SDConfig) -> str:
@@ -327,7 +420,8 @@ def config_from_json(text: str) -> SDConfig:
     try:
         d = json.loads(text)
         return SDConfig(name=d["name"], text=CLIPTextConfig(**d["text"]), vae=VAEConfig(**d["vae"]),
-                        unet=UNetConfig(**d["unet"]), image_size=d["image_size"])
+                        unet=UNetConfig(**d["unet"]), image_size=d["image_size"],
+                        prediction_type=d.get("prediction_type", "epsilon"))  # files before #18: epsilon
     except UnsupportedConfig:
         raise
     except (ValueError, TypeError, KeyError) as exc:
@@ -335,9 +429,11 @@ def config_from_json(text: str) -> SDConfig:
 
 
 # --------------------------------------------------------------------------- the composed table
-def ldm_table(cfg: SDConfig) -> KeyTable:
-    """The whole single file <-> one scratch state dict with `text_encoder.` / `vae.` / `unet.` keys."""
-    parts = [clip.ldm_table(cfg.text).prefixed(ours_prefix="text_encoder."),
+def ldm_table(cfg: SDConfig, layout: str | None = None) -> KeyTable:
+    """The whole single file <-> one scratch state dict with `text_encoder.` / `vae.` / `unet.` keys.
+    `layout`: the text tower's naming ("clip" SD 1.x, "openclip" SD 2.x; default `layout_of(cfg)`)."""
+    text = clip.openclip_table(cfg.text) if (layout or layout_of(cfg)) == "openclip" else clip.ldm_table(cfg.text)
+    parts = [text.prefixed(ours_prefix="text_encoder."),
              vae.ldm_table(cfg.vae).prefixed(ours_prefix="vae."),
              unet.ldm_table(cfg.unet).prefixed(ours_prefix="unet.")]
     return KeyTable([e for t in parts for e in t.entries], theirs_name="LDM single file", ours_name="scratch")
@@ -359,21 +455,34 @@ def ldm_shapes(table: KeyTable, ours: Mapping[str, torch.Size]) -> dict[str, tor
     return {k: v.shape for k, v in table.to_theirs(meta).items()}
 
 
-def read(state: Mapping[str, Tensor], ema: bool = False, cfg: SDConfig | None = None, name: str = "single-file") -> Reading:
-    """A whole single-file state dict -> scratch keys, strictly (every key used or named by a rule)."""
-    detect_architecture(state)
+def read(state: Mapping[str, Tensor], ema: bool = False, cfg: SDConfig | None = None, name: str = "single-file",
+         prediction_type: str | None = None) -> Reading:
+    """A whole single-file state dict -> scratch keys, strictly (every key used or named by a rule).
+    `cfg`: the file's own config (metadata); `prediction_type`: what the caller was told (a flag),
+    overriding the metadata and diffusers' rule."""
+    layout = detect_architecture(state)
     weights, ignored, notes = select_weights(state, ema, cfg)
+    if prediction_type is not None:
+        pred, why = prediction_type, "as given (--prediction-type)"
+    elif cfg is not None:
+        pred, why = cfg.prediction_type, "the file's sd_parity_config metadata"
+    else:
+        pred, why = prediction_rule(state, layout)
     if cfg is None:
-        cfg, more = infer_config(weights, name)
+        cfg, more = infer_config(weights, name, pred)
         notes += more
-    table = ldm_table(cfg)
+    cfg = replace(cfg, prediction_type=pred)
+    notes.append(f"prediction type: {pred} ({why})")
+    table = ldm_table(cfg, layout)
     ours = scratch_shapes(cfg)
     check_shapes(weights, ldm_shapes(table, ours), table.theirs_name)  # names a missing / mis-shaped LDM key
     return Reading(cfg, table.to_ours(weights, ours), ignored, notes)
 
 
 def write(state: Mapping[str, Tensor], cfg: SDConfig) -> dict[str, Tensor]:
-    """Scratch keys (`unet.*`, `vae.*`, `text_encoder.*`) -> an original single file's keys, strictly."""
+    """Scratch keys (`unet.*`, `vae.*`, `text_encoder.*`) -> an original single file's keys, strictly:
+    SD 1.x's layout, or SD 2.x's (OpenCLIP text keys) for a GELU text tower. An SD 2.x file holds the
+    layers run and nothing invented (no unused last resblock, no text_projection)."""
     table = ldm_table(cfg)
     ours = scratch_shapes(cfg)
     check_shapes(state, ours, table.ours_name)
@@ -409,4 +518,5 @@ def schedule_matches_sd15(state: Mapping[str, Tensor]) -> bool | None:
 
 __all__ = ["read", "write", "ldm_table", "infer_config", "detect_architecture", "select_weights", "split", "join",
            "Reading", "UnsupportedCheckpoint", "IGNORE_RULES", "ema_key", "config_to_json", "config_from_json",
-           "scratch_shapes", "schedule_matches_sd15", "CONFIG_METADATA", "COMPONENTS"]
+           "scratch_shapes", "schedule_matches_sd15", "CONFIG_METADATA", "COMPONENTS", "text_layout", "layout_of",
+           "prediction_rule", "prefixes"]
