@@ -185,9 +185,10 @@ def _check_same(name: str, reference, scratch, cfg, source: str) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def build_references(path, components=NETWORKS, ema: bool = False, tokenizer: str | Path | None = None,
-                     variant: str | None = None, quiet: bool = False) -> References:
+                     variant: str | None = None, quiet: bool = False, prediction_type: str | None = None) -> References:
     """The reference networks (float32, CPU), tokenizer and scheduler config of a local model, each
-    network checked bit for bit against our own strict reading of the same file."""
+    network checked bit for bit against our own strict reading of the same file. `prediction_type`
+    (single files): what the UNet predicts, over the file's metadata and diffusers' rule."""
     from parity import zoo
     from scratch_sd.schedulers import SD15_SCHEDULER_CONFIG
 
@@ -196,7 +197,8 @@ def build_references(path, components=NETWORKS, ema: bool = False, tokenizer: st
     _quiet()
     if path.is_dir():  # every missing part named before seconds of loading
         loading.check_folder(path, NETWORKS + (("tokenizer",) if tokenizer is None else ()))
-    cfg, nets, model = loading.load_networks(path, components, ema=ema, variant=variant)  # strict, first
+    cfg, nets, model = loading.load_networks(path, components, ema=ema, variant=variant,  # strict, first
+                                             prediction_type=prediction_type)
     notes = list(model.notes)
     scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     if model.kind == "diffusers":
@@ -215,7 +217,9 @@ def build_references(path, components=NETWORKS, ema: bool = False, tokenizer: st
                 refs = references_from_single_file(path, Path(tmp), ema)
             else:
                 refs = {n: reference_from_config(n, cfg, model.component(n)) for n in components}
-        notes.append("scheduler: SD 1.5's PNDMScheduler config (a single file holds none)")
+        scheduler_config["prediction_type"] = cfg.prediction_type  # the reader's note says what decided it
+        notes.append(f"scheduler: SD 1.5's PNDMScheduler config (a single file holds none), prediction_type "
+                     f"{cfg.prediction_type}")
     networks = {}
     for name in components:
         ref = refs[name].to(torch.float32).eval()
