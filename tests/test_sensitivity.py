@@ -83,10 +83,14 @@ def test_perturbations_are_what_they_say():
     assert torch.allclose(o - t, torch.full_like(t, 0.5 * float(t.std())))
 
 
-def _gate_fails(monkeypatch, layer: str, kind: str, d: float) -> bool:
-    """The default gate's unet direct check, run by run_gate, with scratch's `layer` perturbed."""
+def _gate_fails(refs, layer: str, kind: str, d: float) -> bool:
+    """The gate's own unet direct check (network_check.check_networks inside a GateRun, the rows
+    judged by its Recorder) with scratch's `layer` perturbed."""
     from parity import candidates as cands
-    from parity.gate import GateSettings, run_gate
+    from parity import network_check
+    from parity.gate import Gated, GateSettings, Recorder
+    from parity.run_context import GateRun
+    from parity.tolerances import Table
 
     real = cands.load("scratch")
 
@@ -96,22 +100,27 @@ def _gate_fails(monkeypatch, layer: str, kind: str, d: float) -> bool:
             dict(built.module.named_modules())[layer].register_forward_hook(S._hook(kind, d))
             return built
 
-    p = Perturbed()
-    monkeypatch.setattr(cands, "load", lambda name: p)
-    res = run_gate(GateSettings.make(preset="tiny", components="unet", candidates="scratch"))
-    rows = [r for r in res.rows if r.component == "unet" and r.compared]
-    assert len(rows) == 12  # 2 seeds x 6 timesteps: the direct check ran
-    return bool(res.failed)
+    g = Gated("scratch", Perturbed())
+    rec = Recorder("t", "tiny", "cpu", Table.load())
+    run = GateRun(GateSettings.make(preset="tiny", components="unet"), refs, rec, lambda _m: None)
+    run.record = None
+    with run.candidate_at(g, "fp32") as built:
+        network_check.check_networks(run, g, built, "fp32")
+    assert len(rec.rows) == 12  # 2 seeds x 6 timesteps: the default direct check ran
+    return any(r.failed for r in rec.rows)
 
 
-def test_tiny_unet_floor_is_the_gates(monkeypatch):
+def test_tiny_unet_floor_is_the_gates():
+    from parity.references import build_references
+
+    refs = build_references("tiny", None, ("unet",), seed=0)
     st = S.SensitivitySettings("unet", layers="conv_out", kinds=("scale",), steps=4)
-    res = S.run_sensitivity(st)
+    res = S.run_sensitivity(st, refs=refs)
     assert [r.reference_layer for r in res.rows] == ["conv_out"]
     r = res.rows[0]
     assert 0 < r.d_pass < r.d_star < 1  # conv_out is seen at some d inside the range
-    assert _gate_fails(monkeypatch, r.candidate_layer, "scale", r.d_star)
-    assert not _gate_fails(monkeypatch, r.candidate_layer, "scale", r.d_pass)
+    assert _gate_fails(refs, r.candidate_layer, "scale", r.d_star)
+    assert not _gate_fails(refs, r.candidate_layer, "scale", r.d_pass)
 
 
 def test_cli_writes_one_row_per_layer_and_kind(tmp_path):
