@@ -31,6 +31,7 @@ from parity import candidates as cands
 from parity.pipelines import MODES
 from parity.rows import Row
 from parity.tolerances import Table, judge
+from scratch_sd.config import TINY_PRESETS
 from scratch_sd.names import DTYPES, NETWORKS
 
 DEFAULT_COMPONENTS = NETWORKS + ("scheduler", "pipeline", "tokenizer")  # `all`; train is asked by name
@@ -105,7 +106,7 @@ class GateSettings:
                                 f"use one of {', '.join(PIPELINE_SCHEDULERS)}")
         else:
             scheds = (scheduler,)
-        big = preset != "tiny" or model is not None
+        big = preset not in TINY_PRESETS or model is not None
         steps = steps if steps is not None else (2 if big else 4)
         size = size if size is not None else (256 if big else 64)
         for name, v, lo in (("steps", steps, 1), ("num-seeds", num_seeds, 1)):
@@ -228,7 +229,7 @@ class GateResult:
 
 # --------------------------------------------------------------------------- the run
 def cpu_cannot(dtype: str, device: str, preset_name: str) -> str | None:
-    if device == "cpu" and dtype == "fp16" and preset_name not in ("tiny", "tiny-sd2"):
+    if device == "cpu" and dtype == "fp16" and preset_name not in TINY_PRESETS:
         return ("fp16 at full size is a GPU case: this CPU runs fp16 matmuls at ~1-2 GFLOP/s "
                 "(a UNet step ~55x slower than fp32); run it with --device cuda")
     return None

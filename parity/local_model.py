@@ -74,9 +74,11 @@ def write_config_folder(folder: Path, cfg, tokenizer_dir: Path | None = None,
 
     folder = Path(folder)
     notes = []
+    # no folder to copy one from: SD 1.5's, with the model's prediction type (sd21: v_prediction)
+    scheduler_config = scheduler_config or {**SD15_SCHEDULER_CONFIG, "prediction_type": cfg.prediction_type}
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
              "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
-             "scheduler": ["diffusers", (scheduler_config or SD15_SCHEDULER_CONFIG)["_class_name"]],
+             "scheduler": ["diffusers", scheduler_config["_class_name"]],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,7 @@ def write_config_folder(folder: Path, cfg, tokenizer_dir: Path | None = None,
         (folder / name / "config.json").write_text(json.dumps(component_config(name, cfg), indent=2), encoding="utf-8")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(scheduler_config or SD15_SCHEDULER_CONFIG, indent=2), encoding="utf-8")
+        json.dumps(scheduler_config, indent=2), encoding="utf-8")
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
         src = tokenizer_dir / "tokenizer" if (tokenizer_dir / "tokenizer").is_dir() else tokenizer_dir

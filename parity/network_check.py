@@ -6,6 +6,7 @@ import torch
 
 from parity.adapters import as_plain
 from parity.run_context import calling
+from scratch_sd.config import TINY_PRESETS
 from scratch_sd.names import DTYPES, NETWORKS
 
 UNET_TIMESTEPS = (0, 1, 250, 500, 745.3, 999)
@@ -22,7 +23,7 @@ def _inputs(name: str, cfg, seed: int, dtype: str, device: str, tokenizer) -> di
         rand = torch.randint(0, cfg.text.vocab_size, (2, cfg.text.max_positions), generator=g)
         return {"ids": torch.cat([ids, rand]).to(device)}
     if name == "vae":
-        size = min(cfg.image_size, 128) if cfg.name != "tiny" else cfg.image_size
+        size = min(cfg.image_size, 128) if cfg.name not in TINY_PRESETS else cfg.image_size
         x = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dt)
         lat = size // cfg.vae.downsample_factor
         z = torch.randn(1, cfg.vae.latent_channels, lat, lat, generator=g).to(device, dt) / cfg.vae.scaling_factor

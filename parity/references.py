@@ -29,5 +29,8 @@ def build_references(preset_name: str = "tiny", model: str | Path | None = None,
     from scratch_sd.schedulers import SD15_SCHEDULER_CONFIG
 
     cfg = preset(preset_name)
+    # SD 1.5's scheduler_config.json with the preset's prediction type: every scheduler of the run, on
+    # both sides (diffusers' from_config and the candidate's from diffusers' config), is built from it.
+    scheduler_config = {**SD15_SCHEDULER_CONFIG, "prediction_type": cfg.prediction_type}
     return References(cfg, zoo.reference_components(cfg, seed, components), zoo.preset_tokenizer(cfg),
-                      dict(SD15_SCHEDULER_CONFIG), f"preset:{preset_name}")
+                      scheduler_config, f"preset:{preset_name}")

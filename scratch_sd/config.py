@@ -1,7 +1,8 @@
 """Configs for the three networks. Defaults are Stable Diffusion 1.5.
 
-One frozen dataclass per network, plus `SDConfig` bundling them, and two presets:
-`tiny()` (whole test suites in seconds on 2 CPU cores) and `sd15()`.
+One frozen dataclass per network, plus `SDConfig` bundling them, and the presets:
+`tiny()` (whole test suites in seconds on 2 CPU cores) and `sd15()`; the SD 2.x family
+`sd2_base()`, `sd21()` and `tiny_sd2()` (every SD 2.x difference at toy width; docs/sd2.md).
 
 Each config maps to and from the reference library's config dict
 (`to_reference()` / `from_reference()`), so that a diffusers `UNet2DConditionModel`
@@ -270,8 +271,15 @@ class SDConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     image_size: int = 512  # default generation size (pixels)
+    # What the UNet's output means to the scheduler: "epsilon" (SD 1.x, SD 2.x-base) or "v_prediction"
+    # (SD 2.x 768). Not a network property (no weight shows it): it goes into the scheduler config of
+    # both sides of every comparison (parity.references), as diffusers reads it from scheduler_config.json.
+    prediction_type: str = "epsilon"
 
     def __post_init__(self):
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UnsupportedConfig(f"prediction_type={self.prediction_type!r} is not supported "
+                                    "(epsilon, v_prediction, sample)")
         if self.unet.cross_attention_dim != self.text.width:
             raise UnsupportedConfig(
                 f"UNet cross_attention_dim {self.unet.cross_attention_dim} != text width {self.text.width}")
@@ -298,7 +306,55 @@ def tiny() -> SDConfig:
     return SDConfig(name="tiny", text=text, vae=vae, unet=unet, image_size=64)
 
 
-PRESETS = {"tiny": tiny, "sd15": sd15}
+def _sd2_text() -> CLIPTextConfig:
+    """The SD 2.x text tower as diffusers ships it (stabilityai/stable-diffusion-2-1 text_encoder/config.json):
+    OpenCLIP ViT-H/14's text transformer run as a transformers CLIPTextModel."""
+    return CLIPTextConfig(
+        width=1024, heads=16, mlp_width=4096,  # ViT-H text width; 4 * width
+        layers=23,  # OpenCLIP ViT-H has 24; SD 2.x conditions on the penultimate, so the 24th is not shipped
+        activation="gelu",  # OpenCLIP uses the exact erf GELU, not CLIP's QuickGELU
+        # bos/eos/pad 0/2/1 as SD 1.x's config (legacy argmax pooling; the pooled output is unused by SD).
+        # The final LayerNorm is CLIPTextModel's own final_layer_norm (OpenCLIP's ln_final), as in SD 1.x.
+    )
+
+
+def _sd2_unet(sample_size: int, upcast: bool) -> UNetConfig:
+    return UNetConfig(
+        num_heads=(5, 10, 20, 20),  # diffusers' attention_head_dim [5, 10, 20, 20] holds HEAD COUNTS (64 wide each)
+        cross_attention_dim=1024,  # the SD 2.x text width
+        use_linear_projection=True,  # proj_in/proj_out are nn.Linear over tokens, not 1x1 convs
+        upcast_attention=upcast,  # diffusers' flag; the SDPA processor it runs ignores it (docs/sd2.md)
+        sample_size=sample_size,
+    )
+
+
+def sd2_base() -> SDConfig:
+    """stabilityai/stable-diffusion-2-base (and 2-1-base): 512 px, epsilon, no upcast flag."""
+    return SDConfig(name="sd2-base", text=_sd2_text(), unet=_sd2_unet(64, False), image_size=512)
+
+
+def sd21() -> SDConfig:
+    """stabilityai/stable-diffusion-2-1: 768 px, v-prediction, upcast_attention=True."""
+    return SDConfig(name="sd21", text=_sd2_text(), vae=VAEConfig(sample_size=768),  # VAE otherwise as SD 1.x
+                    unet=_sd2_unet(96, True),  # 96 latents = 768 px / 8
+                    image_size=768, prediction_type="v_prediction")
+
+
+def tiny_sd2() -> SDConfig:
+    """Every SD 2.x difference at tiny's width: GELU text tower (with its final LayerNorm), linear
+    proj_in/proj_out, a different head count at every level, upcast_attention, v-prediction."""
+    text = CLIPTextConfig(vocab_size=49408, width=32, layers=3, heads=4, mlp_width=64,  # 3: an odd depth, as 23
+                          activation="gelu")
+    vae = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8, sample_size=64)
+    unet = UNetConfig(block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+                      num_heads=(1, 2, 4, 8),  # head width 32, 32, 16, 8: a head-count slip at any level shows
+                      cross_attention_dim=32, norm_groups=8, use_linear_projection=True, upcast_attention=True,
+                      sample_size=8)
+    return SDConfig(name="tiny-sd2", text=text, vae=vae, unet=unet, image_size=64, prediction_type="v_prediction")
+
+
+PRESETS = {"tiny": tiny, "sd15": sd15, "tiny-sd2": tiny_sd2, "sd2-base": sd2_base, "sd21": sd21}
+TINY_PRESETS = ("tiny", "tiny-sd2")  # toy width: the gate's defaults are size 64, 4 steps; fp16 runs on a CPU
 
 
 def preset(name: str) -> SDConfig:
@@ -317,6 +373,7 @@ def _norm(value):
 
 
 __all__ = [
-    "CLIPTextConfig", "VAEConfig", "UNetConfig", "SDConfig", "UnsupportedConfig", "tiny", "sd15", "preset",
+    "CLIPTextConfig", "VAEConfig", "UNetConfig", "SDConfig", "UnsupportedConfig", "tiny", "sd15", "sd2_base", "sd21",
+    "tiny_sd2", "preset", "TINY_PRESETS",
     "PRESETS", "replace",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from scratch_sd.config import PRESETS
 from sdparity.common import nonnegative_int, positive_int, seed as seed_arg
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ablation", help="time and memory of the scratch networks' optimisations, change by change")
-    p.add_argument("--preset", default="sd15", choices=("tiny", "sd15"))
+    p.add_argument("--preset", default="sd15", choices=tuple(PRESETS))
     p.add_argument("--components", default="unet,vae_decode")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--warmup", type=nonnegative_int, default=1)

@@ -9,6 +9,8 @@ import argparse
 import math
 import sys
 
+from scratch_sd.config import PRESETS
+
 # torch.Generator.manual_seed takes 64-bit seeds; runs derive more seeds from the base one (seed + i
 # per network check, + 1 and + 2 for the zoo's VAE and UNet, + 1234 for train's sampling), so the
 # largest accepted seed leaves 2**16 of room below 2**64.
@@ -118,7 +120,7 @@ def add_gate_options(p, components_help: str, dtypes_help: str) -> None:
     """The options that fix what a gate runs (`check` and `record` take the same ones; a record
     stores them, `check --against` reads them back): preset or model, components, dtypes, device,
     schedulers, steps, size, seeds, modes, clip_skip."""
-    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
+    p.add_argument("--preset", default="tiny", help=f"{' | '.join(PRESETS)} (default tiny)")
     p.add_argument("--model", default=None, help="a local diffusers folder or a single .safetensors/.ckpt file")
     p.add_argument("--components", default="all", help=components_help)
     p.add_argument("--dtypes", default="fp32", help=dtypes_help)

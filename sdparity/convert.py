@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                                        "scratch checkpoint")
     p.add_argument("src", nargs="?", default=None,
                    help="a diffusers folder, an original .safetensors/.ckpt single file, or a scratch checkpoint")
-    p.add_argument("--preset", default=None, help="instead of src: the embedded preset (tiny | sd15) with the "
+    p.add_argument("--preset", default=None, help="instead of src: the embedded preset (tiny, sd15, tiny-sd2, ...) with the "
                                                   "seeded weights `sdparity check --preset` gates")
     p.add_argument("--seed", type=seed_arg, default=0, help="--preset: the weights' seed (default 0, as check's)")
     p.add_argument("--to", required=True, choices=TARGETS, help="diffusers (a folder), single (.safetensors or "

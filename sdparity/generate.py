@@ -22,6 +22,7 @@ import torch
 
 from parity import pipelines
 from scratch_sd import accel
+from scratch_sd.config import PRESETS
 from scratch_sd.images import load_image
 from scratch_sd.pipeline import PIPELINE_SCHEDULERS, ScratchPipeline, make_scheduler
 from sdparity.common import UsageError, check_sizes, finite_float, positive_int, seed as seed_arg
@@ -190,7 +191,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=("tiny", "sd15"), default="tiny", help="seeded random weights (default tiny)")
+    src.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="seeded random weights (default tiny)")
     src.add_argument("--model", default=None, metavar="PATH",
                      help="a local diffusers folder or a single .safetensors/.ckpt file (as check reads it)")
     p.add_argument("--model-seed", type=seed_arg, default=0, help="seed of a preset's random weights")

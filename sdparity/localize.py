@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument("--candidate", default="scratch", help="the candidate whose network is localised (default scratch)")
     p.add_argument("--exact", action="store_true", help="alias of --candidate scratch-exact")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
-    p.add_argument("--preset", default="tiny", help="tiny | sd15 (default tiny)")
+    p.add_argument("--preset", default="tiny", help=f"{' | '.join(PRESETS)} (default tiny)")
     p.add_argument("--model", default=None, help="a local diffusers folder or single checkpoint file")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--seed", type=seed_arg, default=0)
