@@ -51,10 +51,11 @@ def openclip_names(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def stability_file(cfg: SDConfig, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def stability_file(cfg: SDConfig, seed: int = 0, state: dict | None = None) -> tuple[dict, dict]:
     """(scratch state, the file's tensors in Stability's layout: the text tower with one more resblock
-    than is run, text_projection, logit_scale; UNet and VAE by the SD 1.x table, shared)."""
-    state = random_state(cfg, seed)
+    than is run, text_projection, logit_scale; UNet and VAE by the SD 1.x table, shared).
+    `state`: the weights (default: seeded normal tensors, fine for reading, not for running)."""
+    state = state if state is not None else random_state(cfg, seed)
     text = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
     ldm = {k: v for k, v in sf.write(state, cfg).items() if not k.startswith(OC)}
     ldm |= openclip_names(text)
@@ -82,8 +83,13 @@ def one_error(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny2(tmp_path_factory):
-    cfg = tiny_sd2()
-    state, ldm = stability_file(cfg)
+    from conftest import scratch_from
+    from parity.references import build_references, quiet_libraries
+
+    quiet_libraries()
+    refs = build_references("tiny-sd2")  # the zoo's seeded weights: a file the gate can run
+    cfg = refs.cfg
+    state, ldm = stability_file(cfg, state=sf.join({n: m.state_dict() for n, m in scratch_from(refs).items()}))
     d = tmp_path_factory.mktemp("sd2")
     save_file(ldm, str(d / "tiny-sd2.safetensors"))
     return {"cfg": cfg, "state": state, "ldm": ldm, "path": d / "tiny-sd2.safetensors", "dir": d}
