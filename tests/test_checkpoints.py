@@ -407,10 +407,13 @@ def _bad_files(micro, files, d: Path) -> dict[str, tuple[Path, str]]:
     cases["pickle"] = (d / "evil.ckpt", "refused or unreadable pickle")
     st("sdxl", {**ldm, "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight":
                 torch.zeros(77, 768), "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 4)}, "SDXL")
-    st("sd2", {k: v for k, v in ldm.items() if not k.startswith(sf.TEXT)} |
-       {"cond_stage_model.model.token_embedding.weight": torch.zeros(10, 8)}, "SD 2.x")
+    # SD 2.x files load (tests/test_sd2_single_file.py); a broken one is still one line
+    st("sd2 incomplete", {k: v for k, v in ldm.items() if not k.startswith(sf.TEXT)} |
+       {"cond_stage_model.model.token_embedding.weight": torch.zeros(10, 8)},
+       "lacks cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight")
     k = next(k for k in ldm if k.endswith("attn2.to_k.weight"))
-    st("sd2 context", {**ldm, k: torch.zeros(ldm[k].shape[0], 1024)}, "context 1024 wide")
+    st("context wider than the text", {**ldm, k: torch.zeros(ldm[k].shape[0], 1024)},
+       "cross_attention_dim 1024 != text width")
     k = "model.diffusion_model.input_blocks.0.0.weight"
     st("inpainting", {**ldm, k: torch.zeros(ldm[k].shape[0], 9, 3, 3)}, "inpainting")
     st("missing", {k: v for k, v in ldm.items() if k != "first_stage_model.decoder.conv_out.bias"},
@@ -424,7 +427,7 @@ def _bad_files(micro, files, d: Path) -> dict[str, tuple[Path, str]]:
     return cases
 
 
-BAD = ["truncated", "corrupt", "unknown dtype", "pickle", "sdxl", "sd2", "sd2 context", "inpainting", "missing",
+BAD = ["truncated", "corrupt", "unknown dtype", "pickle", "sdxl", "sd2 incomplete", "context wider than the text", "inpainting", "missing",
        "misshaped", "unknown keys", "folder without vae"]
 
 
