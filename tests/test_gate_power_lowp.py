@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from parity.gate import Recorder
-from parity.lowp import MODE, SUFFIX, LowpBars, bars, bootstrap_bound
+from parity.lowp import MODE, SUFFIX, LowpBars, Pool, bars, bootstrap_bound
 from parity.tolerances import Table
 
 
@@ -32,7 +32,7 @@ def _tensors(seed: int, cand_scale: float, n: int = 4):
 
 
 def _record(triples, dtype="bf16", table=None):
-    rec = Recorder("t", "tiny", "cpu", table or Table.load())
+    rec = Recorder("t", "tiny", "cpu", table or Table.load(), lowp=Pool())
     for ref, cand, truth in triples:
         rec.compare(_Cand(), "unet", dtype, "noise_pred", ref, cand, truth, case="x")
     return rec, rec.lowp.rows(rec, dtype)
@@ -78,7 +78,7 @@ def test_the_bound_widens_with_spread_and_is_reproducible():
 
 
 def test_fp32_lossy_profiles_and_non_finite_tensors_are_not_pooled():
-    rec = Recorder("t", "tiny", "cpu", Table.load())
+    rec = Recorder("t", "tiny", "cpu", Table.load(), lowp=Pool())
     ref, cand, truth = _tensors(0, 1.0, n=1)[0]
     rec.compare(_Cand(), "unet", "fp32", "noise_pred", ref, cand)
     rec.compare(_Cand(), "unet", "bf16", "image", ref, cand.clone().fill_(math.nan), truth)
