@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+from scratch_sd.config import PRESETS
 from sdparity.common import UsageError, check_device, seed as seed_arg
 
 
