@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save, save_file
 
 from parity import outputs
 from scratch_sd import loading, storage
+from cli_helpers import one_error, run_cli
 from sdparity.main import main as cli
 
 UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # the UNet's conv_in.weight in LDM keys
@@ -44,20 +45,6 @@ FUZZ_CASES = 240
 
 
 # --------------------------------------------------------------------------- helpers
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sdparity: error: "), f"expected one error line, got {lines}"
-    assert "Traceback" not in err
-    return lines[0]
-
-
 def sdparity(*args, **kw) -> subprocess.Popen:
     """The CLI in its own process (pid = the writer's pid in its temporaries' names)."""
     # SIGINT as a terminal sends it, even where this test runs with SIGINT ignored (a background job)

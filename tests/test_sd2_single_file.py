@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdparity.main import main as cli
+from cli_helpers import one_error, run_cli as run
 from scratch_sd import loading
 from scratch_sd.config import CLIPTextConfig, SDConfig, UNetConfig, VAEConfig, sd21, tiny_sd2
 from scratch_sd.convert import clip
@@ -66,19 +66,6 @@ def stability_file(cfg: SDConfig, seed: int = 0, state: dict | None = None) -> t
     ldm[OC + "text_projection"] = torch.randn(cfg.text.width, 16, generator=g)
     ldm[OC + "logit_scale"] = torch.tensor(4.6052)
     return state, ldm
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_error(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sdparity: error: "), lines
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
