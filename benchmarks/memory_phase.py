@@ -8,6 +8,7 @@ import time
 import torch
 
 from benchmarks import cases as C
+from scratch_sd.config import TINY_PRESETS
 
 
 class MemoryPhase:
@@ -25,7 +26,7 @@ class MemoryPhase:
 
         self.s, self.meta, self.say, self.workers = s, meta, say, {}
         self.enabled = s.device == "cpu" and s.memory == "subprocess"
-        self.preload = self.enabled and s.model is None and s.preset == "tiny"
+        self.preload = self.enabled and s.model is None and s.preset in TINY_PRESETS
         impls = [i for i in s.impls if i not in C.ACCELERATED]  # CPU memory: the eager networks' working set
         self.specs = [dict(preset=s.preset, model=s.model, seed=s.seed, impl=i, networks=networks,
                            scheduler=s.scheduler, steps=s.steps, dtypes=list(s.dtypes), threads=torch.get_num_threads(),

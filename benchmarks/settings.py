@@ -8,19 +8,21 @@ from pathlib import Path
 
 from benchmarks import cases as C
 from parity.gate import names_list
+from scratch_sd.config import PRESETS, TINY_PRESETS
 
-PRESET_DEFAULTS = {
-    # tiny: whole run under a minute, every component and sweep exercised.
-    "tiny": dict(warmup=1, repeats=5, sweep_warmup=1, sweep_repeats=3, pipeline_warmup=1, pipeline_repeats=5,
-                 steps=4, resolutions="32,64,128", batch_sizes="1,2,4", batch_resolution=64, memory_scope="main",
-                 memory_warmup=1, memory_components=",".join(C.CASE_COMPONENTS), min_time_s=0.2),
-    # sd15: ~20 minutes on 2 CPU cores in fp32 + bf16 (README, "Measured here": 1168 s).
-    # The pipeline's stages run at the main cases' shapes, which warmed them up already.
-    "sd15": dict(warmup=1, repeats=3, sweep_warmup=0, sweep_repeats=2, pipeline_warmup=0, pipeline_repeats=2,
-                 steps=2, resolutions="256,384,512", batch_sizes="1,2,4", batch_resolution=256, memory_scope="main",
-                 memory_warmup=0, memory_components="text_encoder,unet,vae_decode,vae_encode,scheduler_step",
-                 min_time_s=5.0),  # the text encoder (~0.15 s a call) then gets ~15 rounds, not 3
-}
+# tiny presets (tiny, tiny-sd2): whole run under a minute, every component and sweep exercised.
+_TINY_DEFAULTS = dict(warmup=1, repeats=5, sweep_warmup=1, sweep_repeats=3, pipeline_warmup=1, pipeline_repeats=5,
+                      steps=4, resolutions="32,64,128", batch_sizes="1,2,4", batch_resolution=64,
+                      memory_scope="main", memory_warmup=1, memory_components=",".join(C.CASE_COMPONENTS),
+                      min_time_s=0.2)
+# full-size presets (sd15, sd2-base, sd21): sd15 is ~20 minutes on 2 CPU cores in fp32 + bf16 (README,
+# "Measured here": 1168 s). The pipeline's stages run at the main cases' shapes, which warmed them up already.
+_FULL_DEFAULTS = dict(warmup=1, repeats=3, sweep_warmup=0, sweep_repeats=2, pipeline_warmup=0, pipeline_repeats=2,
+                      steps=2, resolutions="256,384,512", batch_sizes="1,2,4", batch_resolution=256,
+                      memory_scope="main", memory_warmup=0,
+                      memory_components="text_encoder,unet,vae_decode,vae_encode,scheduler_step",
+                      min_time_s=5.0)  # the text encoder (~0.15 s a call) then gets ~15 rounds, not 3
+PRESET_DEFAULTS = {name: _TINY_DEFAULTS if name in TINY_PRESETS else _FULL_DEFAULTS for name in PRESETS}
 
 
 class BenchSettingsError(ValueError):
@@ -100,7 +102,7 @@ class BenchSettings:
             raise BenchSettingsError(f"unknown preset {preset!r}; known: {', '.join(PRESET_DEFAULTS)}")
         if device not in ("cpu", "cuda"):
             raise BenchSettingsError(f"unknown device {device!r}; known: cpu, cuda")
-        d = PRESET_DEFAULTS["sd15" if model is not None else preset]  # a local model: SD 1.x sizes
+        d = PRESET_DEFAULTS["sd15" if model is not None else preset]  # a local model: full-size defaults
         cfg = make_preset(preset) if model is None else None
         v = dict(preset=preset, model=model, device=device, scheduler=scheduler, memory=memory, seed=seed, out=out)
         v["components"] = _names(components, C.CASE_COMPONENTS, "components")

@@ -178,6 +178,22 @@ def test_sweeps_and_memory_are_recorded(tiny_run):
     assert "exponent k (time ~ pixels^k)" in summary
 
 
+def test_sd2_preset_benches_both_impls_on_the_same_flops(tmp_path):
+    """tiny-sd2 (GELU text tower, linear projections, per-level heads) takes tiny's quick defaults;
+    both implementations run the same SD 2.x networks, so their counted FLOPs agree."""
+    out = tmp_path / "sd2"
+    rc = main(["bench", "--preset", "tiny-sd2", "--threads", "1", "--components", "text_encoder,unet",
+               "--dtypes", "fp32", "--impls", "scratch,diffusers", "--repeats", "2", "--sweep-components", "unet",
+               "--resolutions", "64", "--batch-sizes", "1", "--memory", "none", "--out", str(out)])
+    assert rc == 0
+    rows = [r for r in _rows(out) if r["status"] == "ok"]
+    by = {(r["component"], r["batch_size"], r["resolution"], r["impl"]): float(r["gflop"]) for r in rows}
+    assert {k[0] for k in by} == {"text_encoder", "unet"}
+    for (comp, b, res, impl), g in by.items():
+        assert g > 0 and math.isclose(g, by[(comp, b, res, "diffusers")], rel_tol=1e-6), (comp, impl)
+    assert all(r["ratio_vs_diffusers"] for r in rows if r["impl"] == "scratch")
+
+
 # --------------------------------------------------------------------------- skipped rows
 def test_cudagraph_rows_are_skipped_on_the_cpu_with_the_reason(tiny_run):
     rows = _rows(tiny_run[1])
