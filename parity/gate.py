@@ -76,15 +76,17 @@ class GateSettings:
     informational: tuple[str, ...] = ()  # candidates reported but never failing the run
     tolerances: Path | None = None
     clip_skip: int | None = None  # diffusers' clip_skip in every pipeline run (None: the last layer)
+    prediction_type: str | None = None  # a --model single file's (None: its metadata, else diffusers' rule)
 
     @classmethod
     def make(cls, preset: str = "tiny", model=None, components="all", dtypes="fp32", device: str = "cpu",
              scheduler: str = "pndm", steps: int | None = None, size: int | None = None, seed: int = 0,
              num_seeds: int = 2, modes="txt2img,img2img", candidates="scratch", informational=(),
-             tolerances=None, clip_skip: int | None = None) -> "GateSettings":
+             tolerances=None, clip_skip: int | None = None, prediction_type: str | None = None) -> "GateSettings":
         """Checked settings from user-level values; every bad value is a SettingsError naming it."""
+        from parity.references import check_prediction_type
         from parity.trace import STRENGTH
-        from scratch_sd.config import PRESETS
+        from scratch_sd.config import PREDICTION_TYPES, PRESETS
         from scratch_sd.schedulers import SCHEDULERS
         from scratch_sd.pipeline import PIPELINE_SCHEDULERS
 
@@ -119,6 +121,9 @@ class GateSettings:
         if "img2img" in md and int(steps * STRENGTH) < 1:
             raise SettingsError(f"--steps {steps} leaves img2img (strength {STRENGTH}) no denoising step; "
                                 "use --steps >= 2 or --modes txt2img")
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+            raise SettingsError(f"unknown prediction type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+        check_prediction_type(preset, model, prediction_type, SettingsError)
         if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1):
             raise SettingsError(f"--clip-skip must be an integer >= 1 (got {clip_skip!r})")
         cand = tuple(dict.fromkeys(c.strip() for c in (candidates.split(",") if isinstance(candidates, str)
@@ -131,7 +136,7 @@ class GateSettings:
             raise SettingsError(f"--informational {unknown[0]!r} is not one of --candidates ({', '.join(cand)})")
         return cls(preset, Path(model) if model is not None else None, comps, dts, device, scheds, steps, size,
                    seed, num_seeds, md, cand, tuple(c for c in info if c), Path(tolerances) if tolerances else None,
-                   clip_skip)
+                   clip_skip, prediction_type)
 
     @property
     def needs_networks(self) -> bool:
@@ -255,7 +260,7 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
     """Run the gate; `references` (parity.references.References) replaces building them; `record`
     (parity.record.Record) replaces diffusers' outputs with a golden record's."""
     from parity import network_check, swap_check, tokenizer_check
-    from parity.references import build_references, quiet_libraries
+    from parity.references import quiet_libraries, references_for
     from parity.run_context import GateRun
 
     say = progress or (lambda _m: None)
@@ -273,7 +278,7 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
     refs = references
     if refs is None and settings.needs_networks:  # the swap matrix needs all three networks
         say(f"building {settings.model or settings.preset} references ({', '.join(NETWORKS)})")
-        refs = build_references(settings.preset, settings.model, NETWORKS, seed=settings.seed)
+        refs = references_for(settings)
     if refs and settings.clip_skip is not None and settings.clip_skip > refs.cfg.text.layers:
         # diffusers indexes hidden_states[-(n + 1)]: n == layers is the embeddings themselves
         raise SettingsError(f"--clip-skip {settings.clip_skip} is beyond the {refs.cfg.text.layers}-layer text "

@@ -151,7 +151,7 @@ def write_record(settings, out, progress=None, force: bool = False, references=N
     from parity import network_check
     from parity.gate import Recorder, cpu_cannot
     from parity.outputs import writing_dir
-    from parity.references import build_references, quiet_libraries
+    from parity.references import quiet_libraries, references_for
     from parity.run_context import GateRun
     from parity.swap_check import baseline
     from parity.tolerances import Table
@@ -161,7 +161,7 @@ def write_record(settings, out, progress=None, force: bool = False, references=N
     say = progress or (lambda _m: None)
     t0 = time.time()
     quiet_libraries()
-    refs = references or build_references(settings.preset, settings.model, NETWORKS, seed=settings.seed)
+    refs = references or references_for(settings)
     run = GateRun(settings, refs, Recorder("record", settings.preset, settings.device, Table.load(None)), say)
     files: dict[str, dict] = {}
     skipped = []

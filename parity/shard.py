@@ -117,8 +117,7 @@ def run_shard(settings, index: int, count: int, progress=None, references=None, 
     """The gate's units owned by shard index/count, each run as its own gate over one set of
     references (built here unless given). Returns a GateResult of those rows."""
     from parity.gate import GateResult, run_gate
-    from parity.references import build_references
-    from scratch_sd.names import NETWORKS
+    from parity.references import references_for
 
     say = progress or (lambda _m: None)
     t0 = time.time()
@@ -127,7 +126,7 @@ def run_shard(settings, index: int, count: int, progress=None, references=None, 
     refs = references
     if refs is None and settings.needs_networks and any(u.component not in ("tokenizer", "train") for u in mine):
         say(f"shard {index}/{count}: building {settings.model or settings.preset} references")
-        refs = build_references(settings.preset, settings.model, NETWORKS, seed=settings.seed)
+        refs = references_for(settings)
     rows, images, notes = [], {}, []
     label, source = None, None
     for u in mine:

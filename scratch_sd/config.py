@@ -264,6 +264,9 @@ class UNetConfig:
 
 
 # --------------------------------------------------------------------------- whole model
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a UNet may predict (diffusers' names)
+
+
 @dataclass(frozen=True)
 class SDConfig:
     name: str = "sd15"
@@ -277,9 +280,9 @@ class SDConfig:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise UnsupportedConfig(f"prediction_type={self.prediction_type!r} is not supported "
-                                    "(epsilon, v_prediction, sample)")
+                                    f"({', '.join(PREDICTION_TYPES)})")
         if self.unet.cross_attention_dim != self.text.width:
             raise UnsupportedConfig(
                 f"UNet cross_attention_dim {self.unet.cross_attention_dim} != text width {self.text.width}")
@@ -374,6 +377,6 @@ def _norm(value):
 
 __all__ = [
     "CLIPTextConfig", "VAEConfig", "UNetConfig", "SDConfig", "UnsupportedConfig", "tiny", "sd15", "sd2_base", "sd21",
-    "tiny_sd2", "preset", "TINY_PRESETS",
+    "tiny_sd2", "preset", "TINY_PRESETS", "PREDICTION_TYPES",
     "PRESETS", "replace",
 ]

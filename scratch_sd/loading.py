@@ -240,6 +240,17 @@ def kind_of(path: str | os.PathLike) -> str:
     return "single"
 
 
+def prediction_type_applies(path, prediction_type: str | None, kind: str | None = None, error=ValueError) -> None:
+    """A given prediction type is for an original single file (a folder's scheduler config says its own;
+    a scratch checkpoint carries its config)."""
+    if prediction_type is None:
+        return
+    kind = kind or kind_of(path)
+    if kind != "single":
+        raise error(f"--prediction-type applies to original single files only ({path} is a {kind} "
+                    f"{'folder: its scheduler config says it' if kind == 'diffusers' else 'checkpoint'})")
+
+
 def read_model(path: str | os.PathLike, components=NETWORKS, ema: bool = False, variant: str | None = None,
                prediction_type: str | None = None) -> Model:
     """Weights of any accepted format, in scratch keys. `ema` and `prediction_type` apply to single
@@ -248,9 +259,7 @@ def read_model(path: str | os.PathLike, components=NETWORKS, ema: bool = False, 
     if ema and kind != "single":
         raise ValueError(f"--ema applies to original single files only ({path} is a {kind} "
                          f"{'folder' if kind == 'diffusers' else 'checkpoint'})")
-    if prediction_type is not None and kind != "single":
-        raise ValueError(f"--prediction-type applies to original single files only ({path} is a {kind} "
-                         f"{'folder: its scheduler config says it' if kind == 'diffusers' else 'checkpoint'})")
+    prediction_type_applies(path, prediction_type, kind)
     if kind == "diffusers":
         return read_folder(Path(path), components, variant)
     model = read_single_file(Path(path), ema, prediction_type) if kind == "single" else read_scratch(Path(path))

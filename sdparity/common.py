@@ -9,7 +9,7 @@ import argparse
 import math
 import sys
 
-from scratch_sd.config import PRESETS
+from scratch_sd.config import PREDICTION_TYPES, PRESETS
 
 # torch.Generator.manual_seed takes 64-bit seeds; runs derive more seeds from the base one (seed + i
 # per network check, + 1 and + 2 for the zoo's VAE and UNet, + 1234 for train's sampling), so the
@@ -116,6 +116,15 @@ def check_sizes(height: int | None, width: int | None) -> None:
                          f"downsamples by 8); given: {given}")
 
 
+def add_prediction_type_option(p) -> None:
+    """--prediction-type: what a single file's UNet predicts (no weight shows it; a folder's scheduler
+    config and a preset say it themselves)."""
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="for a --model single file: what its UNet predicts (default: the file's metadata, "
+                        "else diffusers' from_single_file rule: SD 2.x v_prediction unless global_step is "
+                        "875000, SD 1.x epsilon)")
+
+
 def add_gate_options(p, components_help: str, dtypes_help: str) -> None:
     """The options that fix what a gate runs (`check` and `record` take the same ones; a record
     stores them, `check --against` reads them back): preset or model, components, dtypes, device,
@@ -134,6 +143,7 @@ def add_gate_options(p, components_help: str, dtypes_help: str) -> None:
     p.add_argument("--clip-skip", type=int, default=None,
                    help="diffusers' clip_skip in every pipeline run: prompt embeddings N layers before the "
                         "text encoder's last, through its final LayerNorm (default: none)")
+    add_prediction_type_option(p)
 
 
 def gate_settings(args, **extra):
@@ -143,4 +153,4 @@ def gate_settings(args, **extra):
     return GateSettings.make(preset=args.preset, model=args.model, components=args.components, dtypes=args.dtypes,
                              device=args.device, scheduler=args.scheduler, steps=args.steps, size=args.size,
                              seed=args.seed, num_seeds=args.num_seeds, modes=args.modes, clip_skip=args.clip_skip,
-                             **extra)
+                             prediction_type=args.prediction_type, **extra)

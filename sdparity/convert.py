@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sdparity.common import UsageError, seed as seed_arg
+from sdparity.common import UsageError, add_prediction_type_option, seed as seed_arg
 
 TARGETS = ("diffusers", "single", "scratch")
 
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--to", required=True, choices=TARGETS, help="diffusers (a folder), single (.safetensors or "
                                                                  ".ckpt), scratch (.safetensors with our keys)")
     p.add_argument("--out", required=True, help="the folder or file to write")
+    add_prediction_type_option(p)
     p.add_argument("--ema", action="store_true", help="single-file source: take the UNet's EMA weights (model_ema.*)")
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
                    help="cast floating tensors (default: keep the source's dtypes)")
@@ -52,8 +53,8 @@ def _check(args) -> tuple[Path, Path]:
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
-        if args.ema or args.variant:
-            raise UsageError("--ema and --variant read a model file; a --preset has neither")
+        if args.ema or args.variant or args.prediction_type:
+            raise UsageError("--ema, --variant and --prediction-type read a model file; a --preset fixes its own")
     src, out = Path(args.src or f"preset:{args.preset}"), Path(args.out)
     if args.preset is None and not src.exists():
         raise FileNotFoundError(2, "No such model file or folder", str(src))
@@ -81,7 +82,7 @@ def run(args) -> int:
 
         model = preset_model(args.preset, args.seed)
     else:
-        model = loading.read_model(src, ema=args.ema, variant=args.variant)
+        model = loading.read_model(src, ema=args.ema, variant=args.variant, prediction_type=args.prediction_type)
     notes = list(model.notes)
     if args.to == "diffusers":
         from parity.export import write_diffusers_folder

@@ -25,7 +25,7 @@ from scratch_sd import accel
 from scratch_sd.config import PRESETS
 from scratch_sd.images import load_image
 from scratch_sd.pipeline import PIPELINE_SCHEDULERS, ScratchPipeline, make_scheduler
-from sdparity.common import UsageError, check_sizes, finite_float, positive_int, seed as seed_arg
+from sdparity.common import UsageError, add_prediction_type_option, check_sizes, finite_float, positive_int, seed as seed_arg
 
 # The bar of issue 5: final images in [0, 1] pixel units, fp32 on CPU.
 MIN_PSNR_DB = 80.0
@@ -124,7 +124,8 @@ def generate(args) -> tuple[dict[str, np.ndarray], str]:
     # A local model (diffusers folder, single file, scratch checkpoint) is read as check reads it:
     # our strict reader (NaN/inf and damaged files refused, naming the tensor) and diffusers' own,
     # the same weights on both sides; a preset is the zoo's seeded weights.
-    refs = build_references(args.preset, args.model, seed=args.model_seed, quiet=True)
+    refs = build_references(args.preset, args.model, seed=args.model_seed, quiet=True,
+                            prediction_type=args.prediction_type)
     if "scratch" in impls:
         out["scratch"] = run_scratch(_on_device(pipelines.scratch_pipeline_from_references(refs, args.scheduler), args),
                                      request, args.seed, progress)
@@ -195,6 +196,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--model", default=None, metavar="PATH",
                      help="a local diffusers folder or a single .safetensors/.ckpt file (as check reads it)")
     p.add_argument("--model-seed", type=seed_arg, default=0, help="seed of a preset's random weights")
+    add_prediction_type_option(p)
     p.add_argument("--impl", choices=("scratch", "diffusers"), default="scratch")
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--compare", action="store_true",

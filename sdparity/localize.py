@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from scratch_sd.config import PRESETS
-from sdparity.common import UsageError, check_device, seed as seed_arg
+from sdparity.common import UsageError, add_prediction_type_option, check_device, seed as seed_arg
 
 
 def add_parser(sub) -> None:
@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--preset", default="tiny", help=f"{' | '.join(PRESETS)} (default tiny)")
     p.add_argument("--model", default=None, help="a local diffusers folder or single checkpoint file")
+    add_prediction_type_option(p)
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--timestep", type=float, default=745.3, help="UNet timestep (default 745.3)")
@@ -70,7 +71,8 @@ def run(args) -> int:
         raise UsageError(f"candidate {name!r} does not provide {args.component} (it has "
                          f"{', '.join(cand.candidate.components)})")
     quiet_libraries()
-    refs = build_references(args.preset, args.model, (args.component,), seed=args.seed)
+    refs = build_references(args.preset, args.model, (args.component,), seed=args.seed,
+                            prediction_type=args.prediction_type)
     rows, note = localize(args.component, args.dtype, refs, cand, args.seed, args.timestep, threshold, args.device)
     print(format_table(rows, args.all))
     text = verdict(rows, args.component, args.dtype, threshold)

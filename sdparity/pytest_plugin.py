@@ -117,12 +117,11 @@ class GateState:
 
     def references(self):
         if self._refs is None:
-            from parity.references import build_references, quiet_libraries
-            from scratch_sd.names import NETWORKS
+            from parity.references import quiet_libraries, references_for
 
             quiet_libraries()
             st = self.settings
-            self._refs = build_references(st.preset, st.model, NETWORKS, seed=st.seed)
+            self._refs = references_for(st)
         return self._refs
 
     def result(self, say=None):

@@ -13,7 +13,8 @@ from sdparity.common import UsageError, add_gate_options, gate_settings, progres
 RECORDED = (("preset", "preset", "tiny"), ("model", "model", None), ("components", "components", "all"),
             ("dtypes", "dtypes", "fp32"), ("scheduler", "schedulers", "pndm"), ("steps", "steps", None),
             ("size", "size", None), ("seed", "seed", 0), ("num_seeds", "num_seeds", 2),
-            ("modes", "modes", "txt2img,img2img"), ("clip_skip", "clip_skip", None))
+            ("modes", "modes", "txt2img,img2img"), ("clip_skip", "clip_skip", None),
+            ("prediction_type", "prediction_type", None))
 
 
 def add_parser(sub) -> None:

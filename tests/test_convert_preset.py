@@ -52,7 +52,7 @@ def test_the_diffusers_folder_loads_in_diffusers_with_clips_tokenizer(tmp_path):
     (["x.safetensors", "--preset", "tiny"], "give one source: a model path or --preset NAME"),
     ([], "give one source: a model path or --preset NAME"),
     (["--preset", "sd9"], "unknown preset 'sd9'"),
-    (["--preset", "tiny", "--ema"], "--ema and --variant read a model file"),
+    (["--preset", "tiny", "--ema"], "--ema, --variant and --prediction-type read a model file"),
 ])
 def test_bad_sources_are_exit_2(args, words, tmp_path, capsys):
     out = tmp_path / "o.safetensors"

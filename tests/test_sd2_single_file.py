@@ -200,6 +200,38 @@ def test_check_gates_the_sd2_file(tiny2, capsys):
     assert "prediction type: v_prediction" in summary + err, summary[-2000:] + err
 
 
+def test_prediction_type_option_reaches_convert_check_and_generate(tiny2, capsys):
+    """--prediction-type overrides diffusers' rule (this file: v_prediction, no metadata, no global_step)
+    in every reader of a single file, and is refused where the prediction type is not the file's to say."""
+    d, path = tiny2["dir"], tiny2["path"]
+    rc, out, err = run(["convert", path, "--to", "diffusers", "--prediction-type", "epsilon", "--out", d / "eps"],
+                       capsys)
+    assert rc == 0 and "prediction type: epsilon (as given (--prediction-type))" in err, out + err
+    assert json.loads((d / "eps" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    rc, out, err = run(["check", "--model", path, "--prediction-type", "epsilon", "--components", "unet,pipeline",
+                        "--modes", "txt2img", "--steps", "2", "--num-seeds", "1", "--no-plots", "--quiet",
+                        "--out", d / "eps-run"], capsys)
+    assert rc == 0 and "prediction type: epsilon (as given" in (d / "eps-run" / "summary.md").read_text() + err
+    images = {}
+    for pred in ("epsilon", None):  # the same weights and noise: only the scheduler's reading differs
+        png = d / f"gen-{pred}.png"
+        rc, out, err = run(["generate", "--model", path, "--prompt", "a fox", "--steps", "2", "--no-progress",
+                            "--out", png] + (["--prediction-type", pred] if pred else []), capsys)
+        assert rc == 0, out + err
+        images[pred] = png.read_bytes()
+    assert images["epsilon"] != images[None]
+    for argv, phrase in ((["check", "--preset", "tiny", "--prediction-type", "v_prediction"],
+                          "--prediction-type applies to --model single files"),
+                         (["check", "--model", d / "eps", "--prediction-type", "epsilon"],
+                          "--prediction-type applies to original single files only"),
+                         (["check", "--model", path, "--prediction-type", "x0"], "--prediction-type: invalid choice"),
+                         (["convert", "--preset", "tiny-sd2", "--prediction-type", "epsilon", "--to", "scratch",
+                           "--out", d / "never.safetensors"], "a --preset fixes its own")):
+        rc, out, err = run(argv + ["--out", d / "never"] if argv[0] == "check" else argv, capsys)
+        assert rc == 2 and phrase in one_error(err), (argv, err)
+    assert not (d / "never").exists() and not (d / "never.safetensors").exists()
+
+
 # --------------------------------------------------------------------------- strictness
 def _bad(ldm: dict) -> dict[str, tuple[dict, str]]:
     k_qkv = f"{RB}0.attn.in_proj_weight"
