@@ -6,7 +6,10 @@
 
 What a record holds: every tensor the gate compares a candidate with —
   direct-<dtype>-<network>-seed<s>.safetensors   the direct checks' reference outputs (parity.network_check),
-                                                  keys "00", "01", ... in the check's order;
+                                                  keys "00", "01", ... in the check's order; at fp32 on
+                                                  the first seed also every paired layer's output
+                                                  (keys "L...", tensor "layer:<module name>"), which
+                                                  the per-layer rows compare;
   trace-<dtype>-<scheduler>-<mode>.safetensors   the all-diffusers traced pipeline run (parity.swap_check
                                                   baseline): text_embeddings, image_latents, per-step
                                                   noise_pred and latents, the decoded image;
@@ -116,6 +119,14 @@ def _direct_name(dtype: str, network: str, seed: int) -> str:
     return f"direct-{dtype}-{network}-seed{seed}.safetensors"
 
 
+LAYER = "layer:"  # a per-layer entry of a direct file (network_check's per-layer rows)
+
+
+def _key(i: int, tensor: str) -> str:
+    """A direct file's key: "00", "01", ... for the outputs; "L000", ... for the layers after them."""
+    return f"L{i:03d}" if tensor.startswith(LAYER) else f"{i:02d}"
+
+
 def _trace_name(dtype: str, sched: str, mode: str) -> str:
     return f"trace-{dtype}-{sched}-{mode}.safetensors"
 
@@ -185,9 +196,12 @@ def write_record(settings, out, progress=None, force: bool = False, references=N
                     say(f"record {name} {dtype}: direct reference outputs, {settings.num_seeds} seeds")
                     for s in range(settings.seed, settings.seed + settings.num_seeds):
                         inp = network_check._inputs(name, refs.cfg, s, dtype, settings.device, refs.tokenizer)
-                        outs = network_check._reference_outputs(name, nets[name], inp, s)
-                        save(_direct_name(dtype, name, s), {f"{i:02d}": o[2] for i, o in enumerate(outs)},
-                             [{"key": f"{i:02d}", "tensor": k, "case": c, "shape": list(o.shape),
+                        outs, layers = network_check.reference_run(
+                            name, nets[name], inp, s, refs.cfg, network_check.layers_wanted(dtype, s, settings.seed))
+                        case = network_check.layer_case(name, s)
+                        outs = outs + [(f"{LAYER}{n}", case, t) for n, t in layers.items()]
+                        save(_direct_name(dtype, name, s), {_key(i, k): o for i, (k, _, o) in enumerate(outs)},
+                             [{"key": _key(i, k), "tensor": k, "case": c, "shape": list(o.shape),
                                "dtype": str(o.dtype).replace("torch.", "")} for i, (k, c, o) in enumerate(outs)])
             if needs_traces(settings):
                 for sched in settings.schedulers:
@@ -297,7 +311,16 @@ class Record:
         """(tensor kind, case, reference output) of one direct check, as network_check makes them."""
         name = _direct_name(dtype, network, seed)
         tensors = self._load(name, device)
-        return [(e["tensor"], e["case"], tensors[e["key"]]) for e in self.manifest["files"][name]["tensors"]]
+        return [(e["tensor"], e["case"], tensors[e["key"]]) for e in self.manifest["files"][name]["tensors"]
+                if not e["tensor"].startswith(LAYER)]
+
+    def direct_layers(self, network: str, dtype: str, seed: int) -> dict:
+        """The reference's per-layer outputs of one direct check (layer name -> tensor, on the CPU, in
+        completion order), as network_check.reference_run records them; {} if the record has none."""
+        name = _direct_name(dtype, network, seed)
+        entries = [e for e in self.manifest["files"][name]["tensors"] if e["tensor"].startswith(LAYER)]
+        tensors = self._load(name, "cpu") if entries else {}
+        return {e["tensor"][len(LAYER):]: tensors[e["key"]] for e in entries}
 
     def trace(self, sched: str, mode: str, dtype: str, device: str):
         tensors = self._load(_trace_name(dtype, sched, mode), "cpu")  # the image stays on the CPU, as traced
