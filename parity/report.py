@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from parity.outputs import writing_dir
-from parity.rows import COLUMNS, Row, fmt, to_csv
+from parity.rows import COLUMNS, Row, binding, fmt, to_csv
 from scratch_sd.names import NETWORKS
 
 
@@ -76,6 +76,20 @@ def side_by_side(rows: list[Row]) -> list[str]:
     return lines
 
 
+def tightest_margins(rows: list[Row], n: int = 10) -> list[str]:
+    """The `n` passing rows closest to their bar (largest finite margin), as a markdown table."""
+    passing = [r for r in rows if r.compared and r.passed and isinstance(r.margin, (int, float))
+               and not isinstance(r.margin, bool) and math.isfinite(r.margin)]
+    passing.sort(key=lambda r: -r.margin)
+    lines = ["| candidate | component | dtype | tensor | mode / case | binds | margin |", "|---|---|---|---|---|---|---|"]
+    for r in passing[:n]:
+        tensor = r.tensor + (f" step {r.step}" if r.step not in ("", None) else "")
+        where = " / ".join(x for x in (r.mode, r.case, r.scheduler if r.mode == "loop" else "") if x)
+        lines.append(f"| {r.candidate} | {r.component} | {r.dtype} | {tensor} | {where} | {binding(r)} | "
+                     f"{r.margin:.3g} |")
+    return lines if passing else ["none"]
+
+
 def summary_markdown(result) -> str:
     rows, st = result.rows, result.settings
     modes = sorted({r.net_mode for r in rows if r.net_mode})
@@ -89,6 +103,10 @@ def summary_markdown(result) -> str:
              "Each cell: verdict, passed/compared, worst max_abs, worst rel_l2, lowest PSNR; for fp16/bf16 under the "
              "exact profile also the worst ratio of the candidate's error to diffusers' own error against fp32.", ""]
     lines += side_by_side(rows)
+    lines += ["", "## Tightest passing margins", "",
+              "The passing rows closest to their bar: margin = error / bar of the rule that binds (parity.csv "
+              "`margin`; > 1 fails; reports/README.md defines it per rule).", ""]
+    lines += tightest_margins(rows)
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     skipped = [r for r in rows if r.status == "skipped"]

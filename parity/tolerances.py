@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from parity.metrics import Errors, compare
+from parity.rows import margin
 from scratch_sd.names import DTYPES
 
 DEFAULT_FILE = Path(__file__).with_name("tolerances.toml")
@@ -132,6 +133,19 @@ def allclose_excess(ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: flo
     return float(((o - r).abs() - (atol + rtol * r.abs())).max())
 
 
+def allclose_ratio(ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float) -> float:
+    """max(|out - ref| / (atol + rtol |ref|)): the allclose rule's margin, <= 1 iff allclose_excess <= 0
+    (an element with a zero allowance: 0 when equal, inf when not)."""
+    r = ref.detach().to("cpu", torch.float64)
+    o = out.detach().to("cpu", torch.float64)
+    if r.numel() == 0:
+        return 0.0
+    d = (o - r).abs()
+    allowed = atol + rtol * r.abs()
+    ratio = torch.where(d == 0, torch.zeros_like(d), d / allowed)  # d / 0 = inf
+    return float(ratio.max())
+
+
 @dataclass
 class Verdict:
     errors: Errors  # candidate vs reference at the same dtype
@@ -141,17 +155,22 @@ class Verdict:
     err_candidate_vs_fp32: float | None = None  # rel_l2, low precision only
     err_reference_vs_fp32: float | None = None
     error_ratio: float | None = None
+    allclose_ratio: float | None = None  # fp32: the allclose rule's error / bar (it needs the tensors)
 
     def fields(self, dtype: str) -> dict:
         """The parity.csv columns of this judgement (parity.rows.Row field names)."""
         e, tol, fp32 = self.errors, self.tol, dtype == "fp32"
-        return dict(max_abs=e.max_abs, mean_abs=e.mean_abs, rel_l2=e.rel_l2, cosine_distance=e.cosine_distance,
-                    psnr_db=e.psnr_db, atol=_blank(tol.atol if fp32 else None),
-                    rtol=_blank(tol.rtol if fp32 else None), min_psnr_db=_blank(tol.min_psnr_db if fp32 else None),
-                    max_rel_l2=_blank(tol.max_rel_l2 if fp32 else None), passed=self.passed, reason=self.reason,
-                    candidate_rel_l2_vs_fp32=_blank(self.err_candidate_vs_fp32),
-                    reference_rel_l2_vs_fp32=_blank(self.err_reference_vs_fp32), error_ratio=_blank(self.error_ratio),
-                    max_error_ratio=_blank(tol.max_error_ratio if not fp32 else None))
+        d = dict(max_abs=e.max_abs, mean_abs=e.mean_abs, rel_l2=e.rel_l2, cosine_distance=e.cosine_distance,
+                 psnr_db=e.psnr_db, atol=_blank(tol.atol if fp32 else None),
+                 rtol=_blank(tol.rtol if fp32 else None), min_psnr_db=_blank(tol.min_psnr_db if fp32 else None),
+                 max_rel_l2=_blank(tol.max_rel_l2 if fp32 else None), passed=self.passed, reason=self.reason,
+                 candidate_rel_l2_vs_fp32=_blank(self.err_candidate_vs_fp32),
+                 reference_rel_l2_vs_fp32=_blank(self.err_reference_vs_fp32), error_ratio=_blank(self.error_ratio),
+                 max_error_ratio=_blank(tol.max_error_ratio if not fp32 else None))
+        # the margin of the rule as judge applied it: the exact allclose ratio, and the ratio floor (parity.rows)
+        d["margin"] = margin(d, allclose_ratio=self.allclose_ratio if fp32 else None,
+                             ratio_floor=None if fp32 else tol.ratio_floor)
+        return d
 
 
 def _blank(x):
@@ -178,7 +197,8 @@ def judge(ref: torch.Tensor, out: torch.Tensor, tol: Tolerance, dtype: str,
             reasons.append(f"psnr {e.psnr_db:.1f} dB < {tol.min_psnr_db:g}")
         if e.rel_l2 > tol.max_rel_l2:
             reasons.append(f"rel_l2 {e.rel_l2:.3g} > {tol.max_rel_l2:g}")
-        return Verdict(e, tol, not reasons, "; ".join(reasons))
+        return Verdict(e, tol, not reasons, "; ".join(reasons),
+                       allclose_ratio=allclose_ratio(ref, out, tol.atol, tol.rtol))
     if fp32_truth is None:
         raise ValueError(f"{dtype} comparisons need the fp32 reference output")
     ours = compare(fp32_truth, out.float())

@@ -160,6 +160,9 @@ def _grad_rows(table, dtype, ref_grads, our_grads, case, truth_grads, preset) ->
         members = [n for n in names if group_of(n) == group]
         r = row(f"grad:{group}", members)
         bad = [n for n in members if n in per_param and not per_param[n]["passed"]]
+        # a group is judged by its members too: its margin is the binding one of its own and theirs
+        margins = [m for m in [r["margin"]] + [per_param[n]["margin"] for n in members if n in per_param] if m != ""]
+        r["margin"] = max(margins, default="")
         if bad:
             r["passed"] = False
             r["reason"] = f"{len(bad)}/{len(members)} parameters fail, first {bad[0]}: {per_param[bad[0]]['reason']}"
