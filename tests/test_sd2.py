@@ -165,3 +165,20 @@ def test_localize_clean_sd2_networks_find_nothing(tmp_path, capsys):
         assert all(math.isfinite(float(r["rel_l2"])) for r in rows)
     printed = capsys.readouterr().out
     assert "no layer of unet" in printed
+
+
+# --------------------------------------------------------------------------- full size (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, dtypes", [("sd21", "fp32,bf16"), ("sd2-base", "fp32")])
+def test_full_size_sd2_gate_passes(preset, dtypes, tmp_path):
+    """The default gate at 256², 2 steps, PNDM, txt2img and img2img (issue 18's done-when): every
+    component of sd21 (768-class, v_prediction, upcast flag) at fp32 and bf16, sd2-base at fp32."""
+    out = tmp_path / preset
+    code = cli.main(["check", "--preset", preset, "--dtypes", dtypes, "--out", str(out), "--quiet", "--no-plots"])
+    rows = _rows(out / "parity.csv")
+    assert code == 0, [r for r in rows if r["passed"] != "True"][:3]
+    compared = [r for r in rows if r["status"] == "compared"]
+    assert {r["component"] for r in compared} >= {"text_encoder", "vae", "unet", "scheduler", "all_swapped",
+                                                   "pipeline"}
+    assert {r["dtype"] for r in compared} >= set(dtypes.split(","))
+    assert all(math.isfinite(float(r["rel_l2"])) for r in compared if r["component"] in ("text_encoder", "unet"))
