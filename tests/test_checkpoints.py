@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdparity.main import main as cli
+from cli_helpers import one_error as error_line, run_cli
 from scratch_sd import loading, storage
 from scratch_sd.config import CLIPTextConfig, SDConfig, UNetConfig, UnsupportedConfig, VAEConfig, preset
 from scratch_sd.convert import single_file as sf
@@ -51,19 +51,6 @@ def assert_same_tensors(a: dict, b: dict, what: str) -> None:
     assert set(a) == set(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:6]}"
     bad = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k].to(a[k].dtype))]
     assert not bad, f"{what}: {len(bad)} of {len(a)} tensors differ, e.g. {bad[:4]}"
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = cli([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sdparity: error: "), f"expected one error line, got {lines}"
-    return lines[0]
 
 
 def write_header(path: Path, header: dict, data: bytes) -> None:
