@@ -178,8 +178,8 @@ class Recorder:
     reference: str = "live"
     rows: list[Row] = field(default_factory=list)
     images: dict = field(default_factory=dict)  # (candidate, dtype, mode, scheduler) -> {label: image}
-    # bf16/fp16 squared errors for the pooled statistic (parity.lowp). None: not pooled. The gate does not
-    # pool yet: the statistic's bar is not calibrated (tolerances.toml [lowp], issue 21).
+    # bf16/fp16 squared errors of the direct network checks for the pooled statistic (parity.lowp; the
+    # kind its bars were calibrated on, docs/lowp.md). None: not pooled. run_gate pools.
     lowp: Pool | None = None
 
     def _identity(self, cand: Gated, component: str, dtype: str, **kw) -> dict:
@@ -192,7 +192,7 @@ class Recorder:
         if cand.profile == "exact":
             tol = self.table.lookup(component, tensor, dtype)
             values = judge(ref, out, tol, dtype, truth).fields(dtype)
-            if self.lowp is not None:
+            if self.lowp is not None and mode == "direct":
                 self.lowp.add(cand, component, dtype, tensor, ref, out, truth)
         else:
             values = self.table.judge_profile(cand.profile, component, tensor, ref, out)
@@ -285,7 +285,8 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
                             f"encoder (at most {refs.cfg.text.layers})")
     preset_name = refs.cfg.name if refs else settings.preset
     label = preset_name if settings.model is None else f"model:{Path(settings.model).name}"
-    rec = Recorder(run_id, label, settings.device, table, reference=record.reference if record else "live")
+    rec = Recorder(run_id, label, settings.device, table, reference=record.reference if record else "live",
+                   lowp=Pool())
     notes = list(refs.notes) if refs else []
     if record is not None and refs is not None:
         record.verify(refs)
@@ -317,6 +318,7 @@ def run_gate(settings: GateSettings, progress: Callable[[str], None] | None = No
                     swap_check.check_swaps(run, g, built, dtype)
                     swap_check.check_scratch_pipeline(run, g, built, dtype)
             network_check.check_training(run, g, dtype)
+        rec.rows += rec.lowp.rows(rec, dtype)  # the pooled low-precision rows of this dtype (none at fp32)
         run.drop(dtype)
     return GateResult(settings, rec.rows, rec.images, run_id, label, refs.source if refs else f"preset:{preset_name}",
                       time.time() - t0, list(dict.fromkeys(notes)))

@@ -4,8 +4,9 @@ The per-row rule (parity.tolerances.judge) asks, tensor by tensor and seed by se
 candidate@dtype is at most 1.5x as far from diffusers@fp32 as diffusers@dtype is. One tensor at one
 seed is a noisy sample of that ratio, so a precision-handling bug that moves it by ~1.3x passes or
 fails by the seed. This module pools instead: for every (candidate, component, dtype, tensor kind)
-it sums the squared errors against fp32 over ALL elements of ALL rows (seeds, timesteps, steps,
-txt2img and img2img), candidate and reference, and judges
+it sums the squared errors against fp32 over ALL elements of ALL rows of the direct network checks
+(every input seed, and the UNet's timesteps: the rows the bars were calibrated on; the gate's
+Recorder pools nothing else), candidate and reference, and judges
 
     rms_ratio = sqrt(sum (cand@dtype - ref@fp32)^2 / sum (ref@dtype - ref@fp32)^2)
 
