@@ -176,3 +176,46 @@ def test_a_groupnorm_precision_bug_fails_at_every_seed(seed, monkeypatch, tmp_pa
     code, stats = _unet_gate(tmp_path, seed, "bf16,fp16")
     assert code == 1
     assert [r["passed"] for r in stats] == ["False", "False"], [(r["dtype"], r["error_ratio"]) for r in stats]
+
+
+def _temb_bug(monkeypatch):
+    """A precision-handling bug: the UNet's timestep-embedding arguments t * freqs (up to ~1000 rad) and
+    their cos/sin computed in bf16/fp16; diffusers computes them in fp32 and casts the embedding after."""
+    import math as m
+
+    from scratch_sd import unet as unet_mod
+
+    original = unet_mod.UNet.time_embedding
+
+    def time_embedding(self, x, t):
+        if x.dtype not in LOW:
+            return original(self, x, t)
+        t = unet_mod.timesteps_tensor(t, x.shape[0], x.device)
+        half, shift = self.cfg.block_out_channels[0] // 2, self.cfg.freq_shift
+        freqs = torch.exp(-m.log(10000) * torch.arange(half, dtype=torch.float32, device=x.device) / (half - shift))
+        args = t[:, None].to(x.dtype) * freqs[None, :].to(x.dtype)
+        emb = torch.cat([torch.cos(args), torch.sin(args)] if self.cfg.flip_sin_to_cos
+                        else [torch.sin(args), torch.cos(args)], dim=-1)
+        return self.time_mlp(emb.to(x.dtype))
+
+    monkeypatch.setattr(unet_mod.UNet, "time_embedding", time_embedding)
+
+
+def _temb_margins(monkeypatch, tmp_path, seed: int) -> dict[str, float]:
+    _temb_bug(monkeypatch)
+    code, stats = _unet_gate(tmp_path, seed, "bf16,fp16")
+    assert code == 1
+    assert {r["dtype"] for r in stats} == {"bf16", "fp16"} and all(r["passed"] == "False" for r in stats)
+    return {r["dtype"]: float(r["error_ratio"]) / float(r["max_error_ratio"]) for r in stats}
+
+
+def test_a_timestep_embedding_precision_bug_fails_at_3x_its_bar(monkeypatch, tmp_path):
+    m = _temb_margins(monkeypatch, tmp_path, 0)
+    assert min(m.values()) >= 3.0, m  # issue 21: a failing row at >= 3x its bar
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_a_timestep_embedding_precision_bug_fails_at_3x_every_seed(seed, monkeypatch, tmp_path):
+    m = _temb_margins(monkeypatch, tmp_path, seed)
+    assert min(m.values()) >= 3.0, m
