@@ -110,27 +110,18 @@ def test_bars_come_from_the_shipped_table_per_dtype():
 
 
 # --------------------------------------------------------------------------- in the gate
-LOW = (torch.bfloat16, torch.float16)
+def _inject(monkeypatch, bug: str):
+    """One of tools/lowp_calibration.py's precision bugs (the ones docs/lowp.md measured), patched in."""
+    from tools.lowp_calibration import BUGS
+
+    for obj, name, fn in BUGS[bug]:
+        monkeypatch.setattr(obj, name, fn)
 
 
 def _gn_onepass_bug(monkeypatch):
-    """A precision-handling bug: GroupNorm's variance as E[x^2] - E[x]^2, every op in bf16/fp16
-    (torch's kernel, which the reference and scratch use, accumulates in fp32)."""
-    from scratch_sd import layers
-
-    original = layers.GroupNorm.forward
-
-    def forward(self, x, overwrite=False):
-        if x.dtype not in LOW:
-            return original(self, x, overwrite)
-        g = x.reshape(x.shape[0], self.num_groups, -1)
-        mean = g.mean(-1, keepdim=True)
-        var = ((g * g).mean(-1, keepdim=True) - mean * mean).clamp_min(0)
-        y = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-
-    monkeypatch.setattr(layers.GroupNorm, "forward", forward)
+    """GroupNorm's variance as E[x^2] - E[x]^2, every op in bf16/fp16 (torch's kernel, which the
+    reference and scratch use, accumulates in fp32)."""
+    _inject(monkeypatch, "gn_onepass")
 
 
 def _stat_rows(out):
@@ -179,26 +170,9 @@ def test_a_groupnorm_precision_bug_fails_at_every_seed(seed, monkeypatch, tmp_pa
 
 
 def _temb_bug(monkeypatch):
-    """A precision-handling bug: the UNet's timestep-embedding arguments t * freqs (up to ~1000 rad) and
-    their cos/sin computed in bf16/fp16; diffusers computes them in fp32 and casts the embedding after."""
-    import math as m
-
-    from scratch_sd import unet as unet_mod
-
-    original = unet_mod.UNet.time_embedding
-
-    def time_embedding(self, x, t):
-        if x.dtype not in LOW:
-            return original(self, x, t)
-        t = unet_mod.timesteps_tensor(t, x.shape[0], x.device)
-        half, shift = self.cfg.block_out_channels[0] // 2, self.cfg.freq_shift
-        freqs = torch.exp(-m.log(10000) * torch.arange(half, dtype=torch.float32, device=x.device) / (half - shift))
-        args = t[:, None].to(x.dtype) * freqs[None, :].to(x.dtype)
-        emb = torch.cat([torch.cos(args), torch.sin(args)] if self.cfg.flip_sin_to_cos
-                        else [torch.sin(args), torch.cos(args)], dim=-1)
-        return self.time_mlp(emb.to(x.dtype))
-
-    monkeypatch.setattr(unet_mod.UNet, "time_embedding", time_embedding)
+    """The UNet's timestep-embedding arguments t * freqs (up to ~1000 rad) and their cos/sin in
+    bf16/fp16; diffusers computes them in fp32 and casts the embedding after."""
+    _inject(monkeypatch, "temb")
 
 
 def _temb_margins(monkeypatch, tmp_path, seed: int) -> dict[str, float]:
