@@ -7,6 +7,12 @@ values mapped back to the module that made them), compares each pair, orders the
 the candidate's layer finished (an inner layer comes before the block that holds it), and names
 the first layer over the threshold, in both naming schemes. A layer the reference ran but the
 candidate never did (skipped, not changed) is named as missing at the place it belongs.
+
+At bf16/fp16 two correct implementations round in different places, so a fixed threshold on their
+difference alone would flag layers of a correct candidate. There a layer is over only when it is
+both over the threshold against the reference at the same dtype and, against the reference at fp32
+on the same inputs, more than `max_ratio` times as wrong as the reference is (the gate's
+error-ratio rule, per layer; `error_ratio` in the rows).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ class LayerRow:
     psnr_db: float
     over: bool
     missing: bool = False  # the reference ran this layer, the candidate never did
+    error_ratio: float = float("nan")  # bf16/fp16: rel_l2(candidate, ref@fp32) / rel_l2(ref@dtype, ref@fp32)
 
 
 def reference_layer_names(component: str, cfg) -> list[str]:
@@ -87,8 +94,9 @@ def candidate_tap(built, names: list[str]):
 
 
 def localize(component: str, dtype: str, refs, cand, seed: int = 0, timestep: float = 745.3,
-             threshold: float = 1e-5, device: str = "cpu") -> tuple[list[LayerRow], str]:
-    """Per-layer rows in the candidate's completion order, and a note on what could be paired."""
+             threshold: float = 1e-5, device: str = "cpu", *, max_ratio: float) -> tuple[list[LayerRow], str]:
+    """Per-layer rows in the candidate's completion order, and a note on what could be paired.
+    At bf16/fp16 a layer is over only if also `max_ratio` times as wrong against fp32 as the reference."""
     if component not in NETWORKS:
         raise ValueError(f"unknown component {component!r}; localize takes one of {', '.join(NETWORKS)}")
     if component not in cand.candidate.components:
@@ -106,25 +114,53 @@ def localize(component: str, dtype: str, refs, cand, seed: int = 0, timestep: fl
     names = reference_layer_names(component, cfg)
     tap, cand_names = candidate_tap(built, names)
     ours = as_plain(component, built, refs.networks[component])
+    seen_32, finals_32 = None, None
+    if dt != torch.float32:  # the same inputs (drawn in fp32, then cast), through the reference at fp32
+        reference_32 = copy.deepcopy(refs.networks[component]).to(device=device, dtype=torch.float32).eval()
+        inp_32 = _inputs(component, cfg, seed, torch.float32, device)
+        with _hooks(reference_32, [(n, n) for n in names]) as seen_32:
+            r_32, extras_32 = _run(component, reference_32, inp_32, timestep, torch.float32, device, True)
+        finals_32 = [x[2] for x in extras_32] + [r_32]
+        del reference_32
     inp = _inputs(component, cfg, seed, dt, device)
     with _hooks(reference, [(n, n) for n in names]) as seen_ref:
         r, extras_r = _run(component, reference, inp, timestep, dt, device, True)
     with (tap() if tap is not None else contextlib.nullcontext({})) as seen_ours, \
             calling(cand.name, f"{component} ({dtype})"):
         o, extras_o = _run(component, ours, inp, timestep, dt, device, False)
-    rows = _pair_rows(seen_ref, seen_ours, cand_names, threshold, tap is not None)
+    judge = _Judge(threshold, max_ratio)
+    rows = _pair_rows(seen_ref, seen_ours, cand_names, judge, tap is not None, seen_32)
     n = len(rows)
     finals = [(a[0], a[1], a[2], b[2]) for a, b in zip(extras_r, extras_o)]
     for i, (c_name, r_name, a, b) in enumerate(finals + [("(network output)", "(network output)", r, o)]):
-        e = compare(a, b)
+        e, ratio, over = judge(a, b, finals_32[i] if finals_32 is not None else None)
         rows.append(LayerRow(n + i, c_name, r_name, "x".join(map(str, b.shape)), e.max_abs, e.rel_l2, e.psnr_db,
-                             (not e.finite) or e.rel_l2 > threshold))
+                             over, error_ratio=ratio))
     note = (f"{len(set(seen_ours) & set(names))} of {len(names)} paired layers seen" if tap is not None else
             f"candidate {cand.name!r} gives no layer map (Built.tap / same_names): only its output is compared")
     return rows, note
 
 
-def _pair_rows(seen_ref: dict, seen_ours: dict, cand_names: dict, threshold: float, tapped: bool) -> list[LayerRow]:
+@dataclass(frozen=True)
+class _Judge:
+    """Is one layer over? fp32: rel_l2 against the reference over `threshold`. bf16/fp16 (`ref_32` given):
+    that, and rel_l2 against the fp32 reference over `max_ratio` x the reference's own."""
+    threshold: float
+    max_ratio: float
+
+    def __call__(self, ref: torch.Tensor, out: torch.Tensor, ref_32: torch.Tensor | None):
+        e = compare(ref, out)
+        if not e.finite:
+            return e, float("nan"), True
+        if ref_32 is None:
+            return e, float("nan"), e.rel_l2 > self.threshold
+        ours, theirs = compare(ref_32, out).rel_l2, compare(ref_32, ref).rel_l2
+        ratio = ours / theirs if theirs > 0 else (0.0 if ours == 0 else float("inf"))
+        return e, ratio, e.rel_l2 > self.threshold and ours > self.max_ratio * theirs
+
+
+def _pair_rows(seen_ref: dict, seen_ours: dict, cand_names: dict, judge: _Judge, tapped: bool,
+               seen_32: dict | None = None) -> list[LayerRow]:
     rows: list[LayerRow] = []
     order = {name: i for i, name in enumerate(seen_ours)}  # the candidate's completion order
     last = -1.0
@@ -135,10 +171,10 @@ def _pair_rows(seen_ref: dict, seen_ours: dict, cand_names: dict, threshold: flo
             if a.shape != b.shape:
                 raise ValueError(f"paired layers disagree in shape: {cand_names.get(ref_name, ref_name)} "
                                  f"{tuple(b.shape)} vs {ref_name} {tuple(a.shape)}")
-            e = compare(a, b)
+            e, ratio, over = judge(a, b, seen_32[ref_name] if seen_32 is not None else None)
             last = float(order[ref_name])
             rows.append(LayerRow(last, cand_names.get(ref_name, ref_name), ref_name, "x".join(map(str, b.shape)),
-                                 e.max_abs, e.rel_l2, e.psnr_db, (not e.finite) or e.rel_l2 > threshold))
+                                 e.max_abs, e.rel_l2, e.psnr_db, over, error_ratio=ratio))
         elif tapped and ref_name in cand_names:
             rows.append(LayerRow(last + 0.5, cand_names[ref_name], ref_name, "x".join(map(str, a.shape)),
                                  float("nan"), float("nan"), float("nan"), True, missing=True))
@@ -165,12 +201,14 @@ def format_table(rows: list[LayerRow], show_all: bool) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[LayerRow], component: str, dtype: str, threshold: float) -> str:
+def verdict(rows: list[LayerRow], component: str, dtype: str, threshold: float, max_ratio: float) -> str:
     first = first_divergence(rows)
+    rule = f"rel_l2 {threshold:g}" + ("" if dtype == "fp32" else f" and {max_ratio:g}x the reference's error vs fp32")
     if first is None:
-        return f"no layer of {component} ({dtype}) is over rel_l2 {threshold:g}: {len(rows)} layers compared"
+        return f"no layer of {component} ({dtype}) is over {rule}: {len(rows)} layers compared"
     if first.missing:
         return (f"first divergence: candidate `{first.candidate}` = reference `{first.reference}` never ran on the "
                 "candidate (the layer is skipped, not changed)")
-    return (f"first layer over rel_l2 {threshold:g}: candidate `{first.candidate}` = reference `{first.reference}` "
-            f"(rel_l2 {first.rel_l2:.3g}, max_abs {first.max_abs:.3g})")
+    ratio = "" if dtype == "fp32" else f", {first.error_ratio:.3g}x the reference's error vs fp32"
+    return (f"first layer over {rule}: candidate `{first.candidate}` = reference `{first.reference}` "
+            f"(rel_l2 {first.rel_l2:.3g}, max_abs {first.max_abs:.3g}{ratio})")

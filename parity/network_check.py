@@ -193,7 +193,7 @@ def check_schedulers(run, g, dtype: str) -> None:
 
     names = "all"  # every scheduler's standalone checks, always (issue 21); --scheduler picks the pipeline swaps
     run.say(f"schedulers {names}: timesteps, sigmas, sampling loops vs diffusers")
-    for r in run_scheduler_checks(names):
+    for r in run_scheduler_checks(names, seed=run.settings.seed):
         note = r.get("note", "")
         row = run.rec.add(g, r, dtype="fp32", device="cpu", mode="loop", preset=run.rec.preset,
                           status="skipped" if note.startswith("skipped") else "compared", passed=bool(r["passed"]),

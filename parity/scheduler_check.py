@@ -6,8 +6,8 @@ steps_offset 0/1, set_alpha_to_one, and the scheduler's own options) and each st
   (b) a full sampling loop driven by a smooth deterministic model function, from the same initial noise,
       stochastic steps fed by identically seeded torch.Generators: final fp32 latents within 1e-6;
   (c) optionally the same loop with a real (tiny) UNet for a few step counts;
-  and add_noise. Combinations diffusers itself rejects are skipped with a note, after checking that
-  ours rejects them too.
+  and add_noise. Inputs are drawn from a seed (the gate's --seed). Combinations diffusers itself
+  rejects are skipped with a note, after checking that ours rejects them too.
 """
 from __future__ import annotations
 
@@ -116,10 +116,10 @@ def _step_kwargs(sched, variant: Variant, generator: torch.Generator) -> dict:
 
 
 def sample_loop(sched, variant: Variant, steps: int, noise: torch.Tensor, model: Callable,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, seed: int = SEED) -> torch.Tensor:
     """The denoising loop of StableDiffusionPipeline (or ScoreSdeVePipeline for sde_ve); returns final latents.
-    Stochastic steps draw from `generator` (a fresh one seeded SEED + 1 by default)."""
-    generator = generator if generator is not None else torch.Generator().manual_seed(SEED + 1)
+    Stochastic steps draw from `generator` (a fresh one seeded seed + 1 by default)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed + 1)
     if variant.name == "sde_ve":
         sched.set_timesteps(steps)
         sched.set_sigmas(steps)
@@ -140,9 +140,9 @@ def sample_loop(sched, variant: Variant, steps: int, noise: torch.Tensor, model:
     return latents
 
 
-def add_noise_one(sched, variant: Variant, steps: int) -> torch.Tensor:
+def add_noise_one(sched, variant: Variant, steps: int, seed: int = SEED) -> torch.Tensor:
     """add_noise on a batch of 3 at the first, middle and last timestep of an n-step schedule."""
-    g = torch.Generator().manual_seed(SEED + 2)
+    g = torch.Generator().manual_seed(seed + 2)
     x0 = torch.randn((3,) + LATENT_SHAPE[1:], generator=g)
     eps = torch.randn((3,) + LATENT_SHAPE[1:], generator=g)
     sched.set_timesteps(steps)
@@ -213,10 +213,13 @@ def _exception_row(label, steps, tensor, ref_exc, ours_exc, atol) -> dict:
                 note=f"scratch raises {type(ours_exc).__name__}({str(ours_exc)[:120]}) but diffusers does not")
 
 
-def check_variant(variant: Variant, steps: Iterable[int] = DEFAULT_STEPS, unet: Callable | None = None) -> list[dict]:
+def check_variant(variant: Variant, steps: Iterable[int] = DEFAULT_STEPS, unet: Callable | None = None,
+                  seed: int = SEED) -> list[dict]:
+    """The rows of one variant. `seed` draws the initial noise (seed), the stochastic steps' noise (seed + 1,
+    a fresh generator per side) and add_noise's inputs (seed + 2): the gate passes its --seed."""
     rows = []
     model = score_fn if variant.name == "sde_ve" else model_fn
-    g = torch.Generator().manual_seed(SEED)
+    g = torch.Generator().manual_seed(seed)
     noise = torch.randn(LATENT_SHAPE, generator=g)
     for n in steps:
         if n == LONG_STEPS and not variant.long:
@@ -240,30 +243,33 @@ def check_variant(variant: Variant, steps: Iterable[int] = DEFAULT_STEPS, unet: 
         # (b) the sampling loop
         ref, ours = make_pair(variant)
         with _quiet_diffusers(), torch.no_grad():
-            r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), model),
-                                     lambda: sample_loop(ours, variant, n, noise.clone(), model))
+            r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), model, seed=seed),
+                                     lambda: sample_loop(ours, variant, n, noise.clone(), model, seed=seed))
         rows.append(_exception_row(variant.label, n, "latents", re, oe, LATENT_ATOL) if (re or oe)
                     else _row(variant.label, n, "latents", r, o, LATENT_ATOL))
         # add_noise
         ref, ours = make_pair(variant)
-        r, o, re, oe = _run_both(lambda: add_noise_one(ref, variant, n), lambda: add_noise_one(ours, variant, n))
+        r, o, re, oe = _run_both(lambda: add_noise_one(ref, variant, n, seed),
+                                 lambda: add_noise_one(ours, variant, n, seed))
         rows.append(_exception_row(variant.label, n, "add_noise", re, oe, LATENT_ATOL) if (re or oe)
                     else _row(variant.label, n, "add_noise", r, o, LATENT_ATOL))
         # (c) the loop with a real UNet
         if unet is not None and n in UNET_STEPS and variant.unet:
             ref, ours = make_pair(variant)
             with _quiet_diffusers(), torch.no_grad():
-                r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), unet),
-                                         lambda: sample_loop(ours, variant, n, noise.clone(), unet))
+                r, o, re, oe = _run_both(lambda: sample_loop(ref, variant, n, noise.clone(), unet, seed=seed),
+                                         lambda: sample_loop(ours, variant, n, noise.clone(), unet, seed=seed))
             rows.append(_exception_row(variant.label, n, "latents_unet", re, oe, LATENT_ATOL) if (re or oe)
                         else _row(variant.label, n, "latents_unet", r, o, LATENT_ATOL))
     return rows
 
 
 def run_scheduler_checks(names: list[str] | str = "all", steps: Iterable[int] = DEFAULT_STEPS,
-                         unet: Callable | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """All rows for the named schedulers ("all" = every registry entry). `unet(sample, t) -> eps` adds
-    the "latents_unet" rows (SD 1.5 config variant, 1/2/10/50 steps; not sde_ve, whose model is a score)."""
+                         unet: Callable | None = None, progress: Callable[[str], None] | None = None,
+                         seed: int = SEED) -> list[dict]:
+    """All rows for the named schedulers ("all" = every registry entry), their inputs drawn from `seed`.
+    `unet(sample, t) -> eps` adds the "latents_unet" rows (SD 1.5 config variant, 1/2/10/50 steps; not
+    sde_ve, whose model is a score)."""
     if names == "all":
         names = list(ours_mod.SCHEDULERS)
     elif isinstance(names, str):
@@ -277,7 +283,7 @@ def run_scheduler_checks(names: list[str] | str = "all", steps: Iterable[int] = 
         for variant in variants_for(name):
             t0 = time.perf_counter()
             with single_thread():
-                vrows = check_variant(variant, steps, unet)
+                vrows = check_variant(variant, steps, unet, seed)
             rows.extend(vrows)
             if progress is not None:
                 bad = sum(1 for r in vrows if not r["passed"])

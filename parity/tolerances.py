@@ -123,6 +123,14 @@ class Table:
     def localize_threshold(self, dtype: str) -> float:
         return float(self.data["localize"][dtype])
 
+    def localize_max_ratio(self, dtype: str) -> float:
+        """bf16/fp16: how many times the reference's own error vs fp32 a layer may reach before localize
+        names it ([localize.max_ratio]; a file without it: [default.<dtype>] max_error_ratio). fp32: inf."""
+        if dtype == "fp32":
+            return math.inf
+        given = self.data["localize"].get("max_ratio", {}).get(dtype)
+        return float(given if given is not None else self.data["default"][dtype]["max_error_ratio"])
+
 
 def allclose_excess(ref: torch.Tensor, out: torch.Tensor, atol: float, rtol: float) -> float:
     """max(|out - ref| - (atol + rtol |ref|)): <= 0 means every element is within tolerance."""

@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--timestep", type=float, default=745.3, help="UNet timestep (default 745.3)")
     p.add_argument("--threshold", type=float, default=None, help="rel_l2 over which a layer diverges "
-                   "(default: [localize] in the tolerance file)")
+                   "(default: [localize] in the tolerance file; at bf16/fp16 a layer must also be more than "
+                   "[localize.max_ratio] times as wrong against fp32 as the reference)")
     p.add_argument("--tolerances", default=None, help="tolerance TOML file")
     p.add_argument("--out", default=None, help="folder for localize.csv and localize.md")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -73,12 +74,15 @@ def run(args) -> int:
     quiet_libraries()
     refs = build_references(args.preset, args.model, (args.component,), seed=args.seed,
                             prediction_type=args.prediction_type)
-    rows, note = localize(args.component, args.dtype, refs, cand, args.seed, args.timestep, threshold, args.device)
+    max_ratio = table.localize_max_ratio(args.dtype)
+    rows, note = localize(args.component, args.dtype, refs, cand, args.seed, args.timestep, threshold, args.device,
+                          max_ratio=max_ratio)
     print(format_table(rows, args.all))
-    text = verdict(rows, args.component, args.dtype, threshold)
+    text = verdict(rows, args.component, args.dtype, threshold, max_ratio)
     print(f"{text} [{name}; {note}]")
     if args.out:
-        cols = ["order", "candidate", "reference", "shape", "max_abs", "rel_l2", "psnr_db", "over", "missing"]
+        cols = ["order", "candidate", "reference", "shape", "max_abs", "rel_l2", "psnr_db", "over", "missing",
+                "error_ratio"]
         with writing_dir(args.out, args.force) as tmp:
             (tmp / "localize.csv").write_text(to_csv([r.__dict__ for r in rows], cols), encoding="utf-8")
             (tmp / "localize.md").write_text(f"# localize {name} {args.component} {args.dtype}\n\n{text}\n\n{note}\n\n"

@@ -197,6 +197,68 @@ UNDER_3X = {11: "bf16 caught at 2.91x (pooled bound 3.35, bar 1.15), not 3x"}
 @pytest.mark.parametrize("seed", range(20))
 def test_a_timestep_embedding_precision_bug_fails_at_3x_every_seed(seed, monkeypatch, tmp_path):
     m = _temb_margins(monkeypatch, tmp_path, seed)  # caught (exit 1, both stat rows fail) at every seed
-    if min(m.values()) < 3.0 and seed in UNDER_3X:
+    assert m["fp16"] >= 3.0, m  # fp16: >= 3x at every one of the 20 seeds
+    if m["bf16"] < 3.0 and seed in UNDER_3X:
         pytest.xfail(UNDER_3X[seed])
-    assert min(m.values()) >= 3.0, m
+    assert m["bf16"] >= 3.0, m
+
+
+# --------------------------------------------------------------------------- localize at bf16/fp16
+def _localize(tmp_path, dtype: str, seed: int) -> tuple[int, list[dict]]:
+    from sdparity import main as cli
+    from test_check import _rows
+
+    out = tmp_path / f"loc-{dtype}-{seed}"
+    code = cli.main(["localize", "--component", "unet", "--dtype", dtype, "--seed", str(seed), "--out", str(out)])
+    return code, _rows(out / "localize.csv")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_localize_at_fp16_does_not_flag_the_correct_unet(seed, tmp_path):
+    """At these seeds the correct UNet has layers over the fp16 threshold against diffusers@fp16
+    (rel_l2 3.7e-3, 4.1e-3 > 3e-3: two implementations rounding in different places), which the old
+    rule named as the first divergence. Judged also against fp32 they are within [localize.max_ratio]
+    of the reference's own error (calibration: parity/tolerances.toml)."""
+    code, rows = _localize(tmp_path, "fp16", seed)
+    assert code == 0 and not any(r["over"] == "True" for r in rows)
+    over_threshold = [r for r in rows if float(r["rel_l2"]) > 3e-3]
+    bar = Table.load().localize_max_ratio("fp16")
+    assert over_threshold and all(1.0 / bar < float(r["error_ratio"]) <= bar for r in over_threshold)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_localize_names_the_timestep_embedding_for_its_precision_bug(dtype, monkeypatch, tmp_path):
+    _temb_bug(monkeypatch)
+    code, rows = _localize(tmp_path, dtype, 0)
+    first = next(r for r in rows if r["over"] == "True")
+    assert code == 1 and first["reference"] == "time_embedding.linear_1"
+    assert float(first["error_ratio"]) > 50  # the embedding is ~100x as wrong as diffusers' own bf16/fp16 one
+
+
+# --------------------------------------------------------------------------- a low-dtype accumulator
+def _vae_accumulator_margin(monkeypatch, tmp_path, seed: int) -> float:
+    """GroupNorm's mean and variance sums kept in a bf16 accumulator (16-element tiles, each added to
+    the running sum in bf16: tools/lowp_calibration.py gn_accum16). The VAE's groups hold thousands of
+    elements, so its sums take hundreds of roundings; the gate's VAE rows (pooled and per row) see it."""
+    from sdparity import main as cli
+    from test_check import _rows
+
+    _inject(monkeypatch, "gn_accum16")
+    out = tmp_path / f"acc{seed}"
+    code = cli.main(["check", "--components", "vae", "--dtypes", "bf16", "--seed", str(seed), "--steps", "2",
+                     "--modes", "txt2img", "--out", str(out), "--quiet", "--no-plots"])
+    rows = [r for r in _rows(out / "parity.csv") if r["component"] == "vae" and r["passed"] == "False"]
+    assert code == 1 and rows
+    stats = [r for r in rows if r["mode"] == MODE]
+    assert stats  # the pooled rows fail too
+    return max(float(r["margin"]) for r in rows)
+
+
+def test_a_low_dtype_accumulator_fails_the_gate_at_3x(monkeypatch, tmp_path):
+    assert _vae_accumulator_margin(monkeypatch, tmp_path, 0) >= 3.0  # issue 21: >= 3x its bar
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_a_low_dtype_accumulator_fails_at_3x_every_seed(seed, monkeypatch, tmp_path):
+    assert _vae_accumulator_margin(monkeypatch, tmp_path, seed) >= 3.0

@@ -16,6 +16,8 @@ Bugs (all "an op in the low dtype where the reference accumulates in fp32"):
   attn         attention scores q@k^T and softmax materialised in the low dtype (SDPA keeps them fp32)
   gn_twopass   GroupNorm mean and variance (two-pass) computed in the low dtype
   gn_onepass   GroupNorm variance as E[x^2] - E[x]^2 in the low dtype
+  gn_accum16   GroupNorm mean and variance sums kept in a low-dtype accumulator (16-element tiles
+               summed in fp32, each tile added to the running sum in the low dtype)
   temb         the UNet's timestep-embedding arguments t * freqs and sin/cos in the low dtype
   linear16     every Linear accumulates its K dimension in 16-wide chunks summed in the low dtype
   linear8      the same with 8-wide chunks
@@ -74,6 +76,32 @@ def _gn_lowp(onepass):
     return forward
 
 
+def _accumulated_mean(g, chunk):
+    """The mean over the last dim with a low-dtype accumulator: each `chunk`-wide partial sum (fp32
+    inside, as one tile of a kernel) is added to a running sum held in g's dtype, in order."""
+    n = g.shape[-1]
+    pad = (-n) % chunk
+    parts = F.pad(g, (0, pad)).reshape(*g.shape[:-1], -1, chunk).float().sum(-1).to(g.dtype)
+    acc = torch.zeros(g.shape[:-1], dtype=g.dtype, device=g.device)
+    for i in range(parts.shape[-1]):
+        acc = acc + parts[..., i]  # rounded to the low dtype at every tile
+    return (acc / n).unsqueeze(-1)
+
+
+def _gn_accumulated(chunk):
+    def forward(self, x, overwrite=False):
+        if x.dtype not in LOW:
+            return _ORIG["gn_forward"](self, x, overwrite)
+        b, c = x.shape[:2]
+        g = x.reshape(b, self.num_groups, -1)
+        mean = _accumulated_mean(g, chunk)
+        var = _accumulated_mean((g - mean) ** 2, chunk)  # two-pass: the accumulator alone is the bug
+        y = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        return y * self.weight.view(shape) + self.bias.view(shape)
+    return forward
+
+
 def _time_embedding_lowp(self, x, t):
     if x.dtype not in LOW:
         return _ORIG["time_embedding"](self, x, t)
@@ -107,6 +135,7 @@ BUGS = {
     "gn_twopass": [(layers.GroupNorm, "forward", _gn_lowp(False))],
     "gn_onepass": [(layers.GroupNorm, "forward", _gn_lowp(True))],
     "temb": [(unet_mod.UNet, "time_embedding", _time_embedding_lowp)],
+    "gn_accum16": [(layers.GroupNorm, "forward", _gn_accumulated(16))],
     "linear16": [(layers.Linear, "forward", _linear_lowp(16))],
     "linear8": [(layers.Linear, "forward", _linear_lowp(8))],
 }
