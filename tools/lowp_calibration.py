@@ -61,19 +61,28 @@ def _attention_lowp(q, k, v, heads, causal=False, mask=None):
     return layers.merge_heads(torch.softmax(scores, dim=-1) @ v)  # probabilities rounded to the low dtype
 
 
-def _gn_lowp(onepass):
+def _gn_with_stats(stats):
+    """A GroupNorm forward whose low-dtype (mean, var) over each group `(B, G, n)` come from
+    `stats(g)`: the one place each GroupNorm bug below differs."""
     def forward(self, x, overwrite=False):
         if x.dtype not in LOW:
             return _ORIG["gn_forward"](self, x, overwrite)
         b, c = x.shape[:2]
         g = x.reshape(b, self.num_groups, -1)  # all in the low dtype
-        mean = g.mean(-1, keepdim=True)
-        var = ((g * g).mean(-1, keepdim=True) - mean * mean).clamp_min(0) if onepass \
-            else ((g - mean) ** 2).mean(-1, keepdim=True)
+        mean, var = stats(g)
         y = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
         shape = (1, c) + (1,) * (x.dim() - 2)
         return y * self.weight.view(shape) + self.bias.view(shape)
     return forward
+
+
+def _gn_lowp(onepass):
+    def stats(g):
+        mean = g.mean(-1, keepdim=True)
+        var = ((g * g).mean(-1, keepdim=True) - mean * mean).clamp_min(0) if onepass \
+            else ((g - mean) ** 2).mean(-1, keepdim=True)
+        return mean, var
+    return _gn_with_stats(stats)
 
 
 def _accumulated_mean(g, chunk):
@@ -89,17 +98,10 @@ def _accumulated_mean(g, chunk):
 
 
 def _gn_accumulated(chunk):
-    def forward(self, x, overwrite=False):
-        if x.dtype not in LOW:
-            return _ORIG["gn_forward"](self, x, overwrite)
-        b, c = x.shape[:2]
-        g = x.reshape(b, self.num_groups, -1)
+    def stats(g):
         mean = _accumulated_mean(g, chunk)
-        var = _accumulated_mean((g - mean) ** 2, chunk)  # two-pass: the accumulator alone is the bug
-        y = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-    return forward
+        return mean, _accumulated_mean((g - mean) ** 2, chunk)  # two-pass: the accumulator alone is the bug
+    return _gn_with_stats(stats)
 
 
 def _time_embedding_lowp(self, x, t):
