@@ -1,6 +1,6 @@
-"""Gate power by design (issue 21): the per-layer rows of the direct network checks, a LayerNorm
-eps bug caught by the default gate at >= 3x its bar on every seed, `localize` naming the layer
-(and a layer the candidate skipped), and no false alarm at fp16 either."""
+"""Gate power by design (issue 21): the per-layer rows of the direct network checks, two LayerNorm
+eps bugs (CLIP's, the UNet transformer blocks') caught by the default gate at >= 3x its bar on every
+seed, `localize` naming the layer (and a layer the candidate skipped), no false alarm at fp16 either."""
 from __future__ import annotations
 
 import math
@@ -70,6 +70,54 @@ def test_layernorm_eps_bug_per_layer_rows_and_localize(monkeypatch, tmp_path, ca
     first = [r for r in _rows(tmp_path / "l" / "localize.csv") if r["over"] == "True"][0]
     assert first["reference"] == EPS_LAYER, first
     assert f"reference `{EPS_LAYER}`" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the UNet's LayerNorm eps
+UNET_EPS_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.norm1"  # the UNet's first LayerNorm
+
+
+def _unet_eps_margins(monkeypatch, tmp_path, seed: int) -> tuple[int, float, float, str]:
+    """The transformer blocks' LayerNorm eps 1e-6 (diffusers: 1e-5) in the scratch UNet; the default
+    UNet gate at fp32 (the bf16 rows are not needed: the fp32 rows decide). Returns the exit code, the
+    worst layer row's and the worst output row's margin, and the first failing layer."""
+    import scratch_sd.unet as unet
+
+    monkeypatch.setattr(unet, "LAYER_NORM_EPS", 1e-6)  # read when a block is built
+    out = tmp_path / f"unet-eps{seed}"
+    code = cli.main(["check", "--components", "unet", "--dtypes", "fp32", "--seed", str(seed), "--out", str(out),
+                     "--quiet", "--no-plots"])
+    failing = [r for r in _rows(out / "parity.csv") if r["passed"] != "True" and r["status"] == "compared"]
+    layers = [r for r in failing if r["tensor"].startswith("layer:")]
+    outputs = [r for r in failing if not r["tensor"].startswith("layer:")]
+    return (code, max(map(margin, layers), default=0.0), max(map(margin, outputs), default=0.0),
+            layers[0]["tensor"] if layers else "")
+
+
+def test_unet_layernorm_eps_bug_fails_its_layer_rows_at_3x(monkeypatch, tmp_path):
+    """The outputs dilute this bug (1.09-6.1x over seeds 0-19); the per-layer rows see it at the layer."""
+    code, layer_margin, _, first = _unet_eps_margins(monkeypatch, tmp_path, 0)
+    assert code == 1 and first == f"layer:{UNET_EPS_LAYER}"
+    assert layer_margin >= MIN_MARGIN, layer_margin
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_unet_layernorm_eps_bug_fails_at_3x_every_seed(seed, monkeypatch, tmp_path):
+    code, layer_margin, output_margin, first = _unet_eps_margins(monkeypatch, tmp_path, seed)
+    assert code == 1 and first == f"layer:{UNET_EPS_LAYER}", (seed, first)
+    assert layer_margin >= MIN_MARGIN, (seed, layer_margin, output_margin)
+
+
+def test_localize_names_the_unets_first_layernorm_for_its_eps_bug(monkeypatch, tmp_path, capsys):
+    import scratch_sd.unet as unet
+
+    monkeypatch.setattr(unet, "LAYER_NORM_EPS", 1e-6)
+    assert cli.main(["localize", "--component", "unet", "--out", str(tmp_path / "l")]) == 1
+    rows = _rows(tmp_path / "l" / "localize.csv")
+    first = [r for r in rows if r["over"] == "True"][0]
+    assert first["reference"] == UNET_EPS_LAYER, first
+    assert all(r["over"] == "False" for r in rows[:rows.index(first)])  # the GroupNorm and proj_in before it match
+    assert f"reference `{UNET_EPS_LAYER}`" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- per-layer rows
