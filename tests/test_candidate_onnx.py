@@ -54,6 +54,8 @@ def _inputs(cfg, batch=2, side=None, seed=0):
 
 
 # --------------------------------------------------------------------------- the runtime's numbers
+@pytest.mark.slow
+@pytest.mark.ci
 @torch.no_grad()
 def test_unet_matches_diffusers_at_every_timestep_form_and_size(tiny_refs, cache):
     built = build(tiny_refs, "unet", cache)

@@ -184,6 +184,8 @@ def test_bench_times_a_candidate_against_diffusers(tmp_path):
 
 
 # --------------------------------------------------------------------------- compiled (torch.compile)
+@pytest.mark.slow
+@pytest.mark.ci
 def test_compiled_text_encoder_is_compiled_and_passes(tmp_path):
     """torch.compile of transformers' own text encoder, inside diffusers' pipeline; the UNet and VAE
     compile for minutes on this CPU, so they run in .ci/run's candidates gate, not here."""

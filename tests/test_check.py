@@ -128,6 +128,8 @@ def test_same_check_twice_gives_identical_numbers(tmp_path):
         [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_no_false_alarm_over_ten_seeds(tmp_path):
     """Specificity: different weights, inputs and noise for each seed; the gate must stay green."""
     for seed in range(10):

@@ -342,6 +342,8 @@ def check_rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("kind", ["folder", "plain"])
 def test_check_runs_the_gate_on_a_local_model(kind, files, tmp_path, capsys):
     """The gate on a tiny folder and a tiny single file (short runs: 64 px, 2 steps, 1 seed)."""

@@ -188,6 +188,8 @@ def test_linear_projection_unet_in_both_modes():
     assert e.finite and e.rel_l2 <= MAX_REL_L2, e
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_ablation_tiny_writes_its_schema(tmp_path):
     from benchmarks import ablation
     from sdparity.main import main

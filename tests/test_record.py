@@ -145,6 +145,8 @@ def test_record_cli_writes_a_record(tmp_path, capsys):
     Record.open(out)  # verifies every file's size and sha256
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_sharded_check_against_a_record_merges_to_the_unsharded_one(recorded, tmp_path, capsys):
     """`check --against --shard i/N` on separate invocations, merged, equals `check --against` unsharded:
     a record can be gated in pieces on machines that have no diffusers run of their own."""

@@ -168,6 +168,8 @@ def test_generate_refuses_an_existing_png_without_force_like_convert(model_files
 
 
 # --------------------------------------------------------------------------- written whole, kills
+@pytest.mark.slow
+@pytest.mark.ci
 def test_sigkill_during_check_leaves_no_run_folder_and_the_rerun_cleans_up(tmp_path):
     """A check killed (SIGKILL) while it writes its run folder leaves nothing at --out (it used to
     leave parity.csv + summary.md, a folder that looks complete); the next run removes the dead
@@ -188,6 +190,8 @@ def test_sigkill_during_check_leaves_no_run_folder_and_the_rerun_cleans_up(tmp_p
     assert (out / "parity.csv").is_file() and (out / "summary.md").is_file() and not temps_of(out)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_sigint_during_check_leaves_nothing(tmp_path):
     out = tmp_path / "run"
     proc = sdparity("check", "--preset", "tiny", "--components", "scheduler", "--scheduler", "ddim", "--quiet",

@@ -140,6 +140,8 @@ def test_pndm_v_prediction_as_epsilon_fails_default_gate(monkeypatch, tmp_path):
     assert all(r["scheduler"] == "pndm" for r in bad)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_ddim_v_prediction_as_epsilon_fails_default_gate(monkeypatch, tmp_path):
     """A non-default scheduler's bug is caught by the default gate's standalone scheduler checks, which
     run every scheduler and every prediction_type variant whatever --scheduler says (parity/network_check

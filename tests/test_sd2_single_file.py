@@ -191,6 +191,8 @@ def test_single_to_folder_to_single_round_trips_bit_for_bit(tiny2, capsys):
     assert loading.read_model(back).cfg == tiny_sd2()
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_check_gates_the_sd2_file(tiny2, capsys):
     out = tiny2["dir"] / "run"
     rc, stdout, err = run(["check", "--model", tiny2["path"], "--size", "64", "--steps", "2", "--num-seeds", "1",
@@ -200,6 +202,8 @@ def test_check_gates_the_sd2_file(tiny2, capsys):
     assert "prediction type: v_prediction" in summary + err, summary[-2000:] + err
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_prediction_type_option_reaches_convert_check_and_generate(tiny2, capsys):
     """--prediction-type overrides diffusers' rule (this file: v_prediction, no metadata, no global_step)
     in every reader of a single file, and is refused where the prediction type is not the file's to say."""

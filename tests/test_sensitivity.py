@@ -114,6 +114,8 @@ def _gate_fails(refs, layer: str, kind: str, d: float) -> bool:
     return any(r.failed for r in outputs)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_tiny_unet_floor_is_the_gates():
     from parity.references import build_references
 

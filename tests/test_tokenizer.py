@@ -219,6 +219,8 @@ BLOCKED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_scratch_pipeline_runs_with_transformers_uninstalled(tiny_refs, tmp_path):
     """A tiny diffusers folder (written by diffusers and transformers), then, in a subprocess where
     importing transformers, tokenizers or diffusers raises, ScratchPipeline.from_pretrained on it and
