@@ -76,13 +76,17 @@ def test_layernorm_eps_bug_per_layer_rows_and_localize(monkeypatch, tmp_path, ca
 UNET_EPS_LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.norm1"  # the UNet's first LayerNorm
 
 
+def _unet_eps_bug(monkeypatch):
+    import scratch_sd.unet as unet
+
+    monkeypatch.setattr(unet, "LAYER_NORM_EPS", 1e-6)  # read when a block is built; diffusers: 1e-5
+
+
 def _unet_eps_margins(monkeypatch, tmp_path, seed: int) -> tuple[int, float, float, str]:
     """The transformer blocks' LayerNorm eps 1e-6 (diffusers: 1e-5) in the scratch UNet; the default
     UNet gate at fp32 (the bf16 rows are not needed: the fp32 rows decide). Returns the exit code, the
     worst layer row's and the worst output row's margin, and the first failing layer."""
-    import scratch_sd.unet as unet
-
-    monkeypatch.setattr(unet, "LAYER_NORM_EPS", 1e-6)  # read when a block is built
+    _unet_eps_bug(monkeypatch)
     out = tmp_path / f"unet-eps{seed}"
     code = cli.main(["check", "--components", "unet", "--dtypes", "fp32", "--seed", str(seed), "--out", str(out),
                      "--quiet", "--no-plots"])
@@ -109,9 +113,7 @@ def test_unet_layernorm_eps_bug_fails_at_3x_every_seed(seed, monkeypatch, tmp_pa
 
 
 def test_localize_names_the_unets_first_layernorm_for_its_eps_bug(monkeypatch, tmp_path, capsys):
-    import scratch_sd.unet as unet
-
-    monkeypatch.setattr(unet, "LAYER_NORM_EPS", 1e-6)
+    _unet_eps_bug(monkeypatch)
     assert cli.main(["localize", "--component", "unet", "--out", str(tmp_path / "l")]) == 1
     rows = _rows(tmp_path / "l" / "localize.csv")
     first = [r for r in rows if r["over"] == "True"][0]
